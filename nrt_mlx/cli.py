@@ -41,6 +41,37 @@ def main() -> None:
 # ---- train (issue 3) -------------------------------------------------------------------------
 
 
+@app.command()
+def train(
+    recipe: Optional[str] = typer.Argument(None, help="YAML recipe (see recipes/reference.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=10 (repeatable)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue RUN_DIR from its latest checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
+) -> None:
+    """Train LoRA adapters with NRT (or the SFT baseline) as RECIPE says."""
+    from nrt_mlx import trainer
+    from nrt_mlx.recipe import load_recipe
+
+    if resume:
+        if recipe:
+            fail("give either a recipe or --resume RUN_DIR, not both")
+        run_dir = trainer.resume(resume, quiet=quiet, overrides=set_)
+    else:
+        if not recipe:
+            fail("missing recipe: nrt-mlx train RECIPE.yaml (or --resume RUN_DIR)")
+        run_dir = trainer.train(load_recipe(recipe, set_), quiet=quiet)
+    typer.echo(f"adapters: {run_dir / 'adapters'}")
+
+
+@app.command()
+def doctor() -> None:
+    """Report the device, MLX backend, BLAS in use and memory."""
+    from nrt_mlx.doctor import report
+
+    for key, value in report().items():
+        typer.echo(f"{key:>14}: {value}")
+
+
 # ---- convert (issue 4) -----------------------------------------------------------------------
 
 

@@ -1,0 +1,207 @@
+"""Loading the base model, quantizing it, adding LoRA/DoRA, and saving adapters in mlx-lm's format.
+
+Adapters are written exactly as mlx-lm's tuner writes them (``adapters.safetensors`` +
+``adapter_config.json``), so ``mlx_lm.load(base, adapter_path=...)`` and
+``mlx_lm.generate --adapter-path`` use them without nrt-mlx.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from nrt_mlx.errors import NrtError
+from nrt_mlx.recipe import LoraConfig, ModelConfig
+
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    path: str  # what the user gave (local dir or repo id)
+    local_path: Path
+    config: dict
+    bits: int | None  # quantization the model trains with (None: dense)
+
+
+def backend() -> str:
+    """'metal', 'cuda' or 'cpu': where MLX's default device runs."""
+    if mx.default_device() == mx.gpu:
+        if mx.metal.is_available():
+            return "metal"
+        return "cuda"
+    return "cpu"
+
+
+def resolve_quantize(cfg: ModelConfig) -> int | None:
+    """Bits to quantize to, or None for dense.
+
+    ``auto`` is 4-bit QLoRA on Metal and CUDA, and dense fp32 on the CPU backend, whose quantized
+    matmul is a slow generic kernel (../shared/PLATFORM.md: ~57x slower than dense).
+    """
+    q = cfg.quantize
+    if q == "none":
+        return None
+    if q == "auto":
+        return None if backend() == "cpu" else 4
+    return int(q)
+
+
+def _is_quantized(model: nn.Module) -> int | None:
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            return module.bits
+    return None
+
+
+def _resolve_local(path: str) -> Path:
+    """Local directory, or the Hub snapshot; an offline miss is a one-line error."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise NrtError(f"model.path {path}: no config.json there; is it an mlx-lm model directory?")
+        return local
+    if path.count("/") != 1 or path.startswith((".", "/", "~")):
+        raise NrtError(f"model.path {path}: no such directory (and not a Hugging Face repo id)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                path,
+                allow_patterns=["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as err:  # network, auth, not found: all user-facing
+        kind = type(err).__name__
+        raise NrtError(
+            f"model.path {path}: could not fetch it from the Hugging Face Hub ({kind}); "
+            "check the repo id and your network, or point model.path at a local directory"
+        ) from None
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load an mlx-lm model and tokenizer, then quantize or dequantize as ``cfg.quantize`` says.
+
+    ``none`` (and ``auto`` on the CPU backend) dequantizes a quantized checkpoint: fp32 trains and
+    samples faster there. A bit width quantizes a dense checkpoint on load (QLoRA); a checkpoint
+    that is already quantized is kept as it is.
+    """
+    from mlx_lm.utils import dequantize_model, load
+
+    if not cfg.path:
+        raise NrtError("model.path is empty: set it to an mlx-lm model directory or a Hub repo id")
+    local = _resolve_local(cfg.path)
+    try:
+        model, tokenizer, config = load(
+            str(local), return_config=True, trust_remote_code=cfg.trust_remote_code
+        )
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise NrtError(f"model.path {cfg.path}: mlx-lm could not load it ({err})") from None
+    want = resolve_quantize(cfg)
+    have = _is_quantized(model)
+    if want is None and have is not None:
+        model = dequantize_model(model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+        have = None
+    elif want is not None and have is None:
+        nn.quantize(
+            model,
+            group_size=cfg.group_size,
+            bits=want,
+            class_predicate=lambda _, m: isinstance(m, nn.Linear)
+            and m.weight.shape[-1] % cfg.group_size == 0,
+        )
+        have = want
+    if backend() == "cpu":
+        # bf16/fp16 matmuls on the CPU backend are emulated; fp32 is both faster and exact.
+        model.set_dtype(mx.float32, predicate=lambda k: True)
+    mx.eval(model.parameters())
+    return LoadedModel(model, tokenizer, cfg.path, local, config, have)
+
+
+def lora_parameters(cfg: LoraConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout}
+    if cfg.keys:
+        params["keys"] = list(cfg.keys)
+    return params
+
+
+def num_lora_layers(model: nn.Module, cfg: LoraConfig) -> int:
+    total = len(model.layers)
+    return total if cfg.layers == -1 else min(cfg.layers, total)
+
+
+def add_adapters(model: nn.Module, cfg: LoraConfig, seed: int) -> int:
+    """Freeze the base and add LoRA/DoRA to the last ``cfg.layers`` blocks.
+
+    Returns the number of trainable parameters. ``seed`` fixes the LoRA initialisation.
+    """
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    mx.random.seed(seed)
+    try:
+        linear_to_lora_layers(
+            model, num_lora_layers(model, cfg), lora_parameters(cfg), use_dora=cfg.type == "dora"
+        )
+    except ValueError as err:
+        raise NrtError(f"lora: {err}") from None
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    if trainable == 0:
+        raise NrtError("lora.keys matched no layer of this model: check the module names")
+    return trainable
+
+
+def adapter_config(loaded: LoadedModel, cfg: LoraConfig, extra: dict[str, Any] | None = None) -> dict:
+    """mlx-lm's adapter_config.json, plus what fuse and the model card need to know."""
+    out = {
+        "fine_tune_type": cfg.type,
+        "num_layers": num_lora_layers(loaded.model, cfg),
+        "lora_parameters": lora_parameters(cfg),
+        "model": loaded.path,
+        "base_model": loaded.path,
+        "base_quantization_bits": loaded.bits,
+    }
+    if extra:
+        out.update(extra)
+    return out
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(model: nn.Module, config: dict, directory: str | Path) -> Path:
+    """Write adapters.safetensors + adapter_config.json into ``directory`` (atomically, as a dir)."""
+    from nrt_mlx.io import atomic_dir
+
+    tmp, commit = atomic_dir(directory)
+    mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), adapter_weights(model))
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return commit()
+
+
+def write_adapters_into(model: nn.Module, config: dict, directory: Path) -> None:
+    """Write the adapter files into an existing (temporary) directory, e.g. a checkpoint."""
+    mx.save_safetensors(str(directory / ADAPTER_WEIGHTS), adapter_weights(model))
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
+    """Load saved adapter weights into a model that already has the same adapters."""
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if not path.exists():
+        raise NrtError(f"{path}: adapter weights not found")
+    model.load_weights(str(path), strict=False)
+    mx.eval(model.parameters())
