@@ -32,7 +32,8 @@ def format_metrics(m: dict[str, Any]) -> str:
 class Reporter:
     """Shows progress; ``warn`` prints a line that stays visible above the bar."""
 
-    def __init__(self, total: int, start: int = 0, quiet: bool = False) -> None:
+    def __init__(self, total: int, start: int = 0, quiet: bool = False, log_every: int = 1) -> None:
+        self.log_every = max(1, log_every)
         self.quiet = quiet or not sys.stderr.isatty()
         self.console = Console(stderr=True)
         self.start_time = time.perf_counter()
@@ -57,7 +58,7 @@ class Reporter:
                 f" | {metrics.get('sample_tokens_per_s', 0):.0f} tok/s"
             )
             self.progress.update(self.task, advance=1, info=info)
-        else:
+        elif metrics["step"] % self.log_every == 0:
             elapsed = time.perf_counter() - self.start_time
             print(f"{format_metrics(metrics)} | {elapsed:.0f}s", file=sys.stderr, flush=True)
 

@@ -359,7 +359,7 @@ def _checkpoint(session: Session, step: int) -> None:
 def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> Path:
     """Train from ``start_step`` to ``train.steps``, logging, sampling and checkpointing."""
     r = session.recipe
-    reporter = Reporter(r.train.steps, start_step, quiet)
+    reporter = Reporter(r.train.steps, start_step, quiet, r.run.log_every)
     try:
         for step in range(start_step + 1, r.train.steps + 1):
             metrics = train_step(session, step)
