@@ -78,7 +78,66 @@ def doctor() -> None:
 # ---- fuse / upload (issue 5) -----------------------------------------------------------------
 
 
+@app.command()
+def fuse(
+    run_dir: str = typer.Argument(..., help="Run directory written by 'nrt-mlx train'."),
+    out_dir: str = typer.Argument(..., help="Directory to write the standalone mlx-lm model to."),
+    checkpoint: Optional[int] = typer.Option(
+        None, "--checkpoint", help="Fuse the checkpoint of this step instead of the latest adapters."
+    ),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Write dense weights for a quantized base."),
+    export_gguf: bool = typer.Option(
+        False, "--export-gguf", help="Also write model.gguf (Llama/Mistral, dense weights)."
+    ),
+    upload_repo: Optional[str] = typer.Option(
+        None, "--upload-repo", help="Then upload the model to this Hugging Face repo (owner/name)."
+    ),
+    private: bool = typer.Option(False, "--private", help="Create the uploaded repo as private."),
+) -> None:
+    """Merge a run's LoRA/DoRA adapters into the base: a model mlx_lm.generate runs as is."""
+    from nrt_mlx.fuse import fuse_run
+
+    if upload_repo:
+        from nrt_mlx.hub import check_repo_id
+
+        check_repo_id(upload_repo)  # fail before minutes of fusing, not after
+    out = fuse_run(
+        run_dir, out_dir, checkpoint=checkpoint, dequantize=dequantize, export_gguf=export_gguf,
+        repo_id=upload_repo,
+    )
+    typer.echo(f"fused model written to {out}")
+    typer.echo(f"try it: mlx_lm.generate --model {out} --prompt \"Why is the sky blue?\"")
+    if upload_repo:
+        _upload_or_list(out, upload_repo, private, dry_run=False)
+
+
+@app.command()
+def upload(
+    out_dir: str = typer.Argument(..., help="Model directory written by 'nrt-mlx fuse'."),
+    repo_id: str = typer.Argument(..., help="Hugging Face repo id, owner/name."),
+    private: bool = typer.Option(False, "--private", help="Create the repo as private."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the files that would be sent; send nothing."),
+) -> None:
+    """Upload a fused model directory to the Hugging Face Hub (token: HF_TOKEN or 'hf auth login')."""
+    _upload_or_list(out_dir, repo_id, private, dry_run)
+
+
+def _upload_or_list(folder: str, repo_id: str, private: bool, dry_run: bool) -> None:
+    """Upload (or list) the folder; stdout gets exactly the file list, notes go to stderr."""
+    from nrt_mlx.hub import hub_endpoint, upload_folder_to_hub
+
+    files = upload_folder_to_hub(folder, repo_id, private=private, dry_run=dry_run)
+    for name in files:
+        typer.echo(name)
+    if dry_run:
+        typer.echo(f"dry run: {len(files)} files would be uploaded to {repo_id}; nothing was sent", err=True)
+    else:
+        typer.echo(f"uploaded {len(files)} files to {repo_id} on {hub_endpoint()}", err=True)
+
+
 # ---- eval / plot / score / compare (issue 6) -------------------------------------------------
 
 
 _ = Optional  # re-exported for command signatures
+if __name__ == "__main__":
+    main()
