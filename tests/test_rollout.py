@@ -31,7 +31,9 @@ def test_traces_match_the_model_and_are_deterministic(model_and_tokenizer):
     assert flat != [t.tokens for g in other for t in g]
     assert len(traces) == 2 and all(len(g) == 3 for g in traces)
     assert len({tuple(t.tokens) for t in traces[0]}) > 1  # K samples differ
-    assert stats.tokens == sum(len(t) for t in flat) and stats.tokens_per_second > 0
+    # Throughput counts every generated token, the stop tokens (marker, EOS) included.
+    stops = sum(t.emitted_marker or t.ended_eos for g in traces for t in g)
+    assert stats.tokens == sum(len(t) for t in flat) + stops and stats.tokens_per_second > 0
     # The prompt is shared through a left-padded batched cache: every trace's log-probs must equal
     # a plain forward pass over its own prompt + trace.
     for prompt, group in zip(prompts, traces):
