@@ -64,6 +64,18 @@ def train(
 
 
 @app.command()
+def quickstart(
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe (default: recipes/quickstart.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=4 (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
+) -> None:
+    """Train SmolLM2-135M (fetched and converted once) with NRT on the bundled data."""
+    from nrt_mlx.quickstart import run_quickstart
+
+    run_quickstart(recipe, set_, quiet)
+
+
+@app.command()
 def doctor() -> None:
     """Report the device, MLX backend, BLAS in use and memory."""
     from nrt_mlx.doctor import report

@@ -61,19 +61,27 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def parse_record(record: object, cfg: DataConfig) -> tuple[list[dict[str, str]], str, list[str] | None]:
+def parse_record(
+    record: object, cfg: DataConfig
+) -> tuple[list[dict[str, str]], str, list[str] | None]:
     """Turn one JSON object into (context messages, reference answer, options). Raises ValueError."""
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     options = record.get("options")
-    if options is not None and not (isinstance(options, list) and all(isinstance(o, str) for o in options)):
+    if options is not None and not (
+        isinstance(options, list) and all(isinstance(o, str) for o in options)
+    ):
         raise ValueError("'options' must be a list of strings")
     if cfg.messages_field in record:
         messages = record[cfg.messages_field]
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"'{cfg.messages_field}' must be a non-empty list")
         for m in messages:
-            if not isinstance(m, dict) or _text(m.get("role")) is None or _text(m.get("content")) is None:
+            if (
+                not isinstance(m, dict)
+                or _text(m.get("role")) is None
+                or _text(m.get("content")) is None
+            ):
                 raise ValueError("each message needs string 'role' and 'content'")
         if messages[-1]["role"] != "assistant":
             raise ValueError("the last message must be the assistant's reference answer")
@@ -82,7 +90,10 @@ def parse_record(record: object, cfg: DataConfig) -> tuple[list[dict[str, str]],
             raise ValueError("no user turn before the answer")
         answer = messages[-1]["content"]
     else:
-        for q_key, a_key in ((cfg.question_field, cfg.answer_field), (cfg.prompt_field, cfg.completion_field)):
+        for q_key, a_key in (
+            (cfg.question_field, cfg.answer_field),
+            (cfg.prompt_field, cfg.completion_field),
+        ):
             if q_key in record or a_key in record:
                 question, answer = _text(record.get(q_key)), _text(record.get(a_key))
                 if question is None or answer is None:
@@ -127,7 +138,11 @@ def load_jsonl(path: str | Path, cfg: DataConfig, key: str = "data.train") -> Da
                 continue
             examples.append(Example(context, answer, n, options))
     if not examples:
-        why = f"; first problem: line {skipped[0][0]}: {skipped[0][1]}" if skipped else " (empty file)"
+        why = (
+            f"; first problem: line {skipped[0][0]}: {skipped[0][1]}"
+            if skipped
+            else " (empty file)"
+        )
         raise NrtError(f"{p}: no usable question/answer record{why}")
     return Dataset(str(p), examples, skipped)
 
@@ -143,13 +158,19 @@ def drop_long(
     kept = []
     for ex in data.examples:
         if (n := prompt_len(ex)) > max_prompt:
-            data.skipped.append((ex.line, f"prompt {n} tokens > data.max_prompt_tokens {max_prompt}"))
+            data.skipped.append(
+                (ex.line, f"prompt {n} tokens > data.max_prompt_tokens {max_prompt}")
+            )
         elif (n := answer_len(ex)) > max_answer:
-            data.skipped.append((ex.line, f"answer {n} tokens > data.max_answer_tokens {max_answer}"))
+            data.skipped.append(
+                (ex.line, f"answer {n} tokens > data.max_answer_tokens {max_answer}")
+            )
         else:
             kept.append(ex)
     if not kept:
-        raise NrtError(f"{data.path}: every record is over the length limits ({data.skipped[0][1]})")
+        raise NrtError(
+            f"{data.path}: every record is over the length limits ({data.skipped[0][1]})"
+        )
     data.examples = kept
     data.skipped.sort()
     return data

@@ -16,11 +16,10 @@ def _memory_gb() -> str:
 
 
 def report() -> dict[str, str]:
-    from nrt_mlx.blas import blas_in_use
-
     import mlx.core as mx
     import mlx_lm
 
+    from nrt_mlx.blas import blas_in_use
     from nrt_mlx.model import backend
 
     out = {
@@ -34,6 +33,10 @@ def report() -> dict[str, str]:
     }
     if backend() == "metal":
         info = mx.metal.device_info()
-        out["gpu"] = f"{info.get('device_name', '?')}, {info.get('memory_size', 0) / 2**30:.0f} GiB unified"
-    out["quantize auto"] = "4-bit QLoRA" if backend() != "cpu" else "dense fp32 (CPU quantized matmul is slow)"
+        out["gpu"] = (
+            f"{info.get('device_name', '?')}, {info.get('memory_size', 0) / 2**30:.0f} GiB unified"
+        )
+    out["quantize auto"] = (
+        "4-bit QLoRA" if backend() != "cpu" else "dense fp32 (CPU quantized matmul is slow)"
+    )
     return out

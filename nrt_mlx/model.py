@@ -68,7 +68,9 @@ def _resolve_local(path: str) -> Path:
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "config.json").exists():
-            raise NrtError(f"model.path {path}: no config.json there; is it an mlx-lm model directory?")
+            raise NrtError(
+                f"model.path {path}: no config.json there; is it an mlx-lm model directory?"
+            )
         return local
     if path.count("/") != 1 or path.startswith((".", "/", "~")):
         raise NrtError(f"model.path {path}: no such directory (and not a Hugging Face repo id)")
@@ -78,7 +80,15 @@ def _resolve_local(path: str) -> Path:
         return Path(
             snapshot_download(
                 path,
-                allow_patterns=["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"],
+                allow_patterns=[
+                    "*.json",
+                    "*.safetensors",
+                    "*.py",
+                    "tokenizer.model",
+                    "*.tiktoken",
+                    "*.txt",
+                    "*.jinja",
+                ],
             )
         )
     except Exception as err:  # network, auth, not found: all user-facing
@@ -119,8 +129,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             model,
             group_size=cfg.group_size,
             bits=want,
-            class_predicate=lambda _, m: isinstance(m, nn.Linear)
-            and m.weight.shape[-1] % cfg.group_size == 0,
+            class_predicate=lambda _, m: (
+                isinstance(m, nn.Linear) and m.weight.shape[-1] % cfg.group_size == 0
+            ),
         )
         have = want
     if backend() == "cpu":
@@ -163,7 +174,9 @@ def add_adapters(model: nn.Module, cfg: LoraConfig, seed: int) -> int:
     return trainable
 
 
-def adapter_config(loaded: LoadedModel, cfg: LoraConfig, extra: dict[str, Any] | None = None) -> dict:
+def adapter_config(
+    loaded: LoadedModel, cfg: LoraConfig, extra: dict[str, Any] | None = None
+) -> dict:
     """mlx-lm's adapter_config.json, plus what fuse and the model card need to know."""
     out = {
         "fine_tune_type": cfg.type,

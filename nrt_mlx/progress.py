@@ -48,7 +48,9 @@ class Reporter:
                 console=self.console,
                 transient=False,
             )
-            self.task = self.progress.add_task("train", total=total, completed=start, info="sampling...")
+            self.task = self.progress.add_task(
+                "train", total=total, completed=start, info="sampling..."
+            )
             self.progress.start()
 
     def step(self, metrics: dict[str, Any]) -> None:

@@ -53,10 +53,15 @@ def run_quickstart(
 
     path = Path(recipe_path) if recipe_path else DEFAULT_RECIPE
     if not path.exists():
-        raise NrtError(f"{path}: quickstart recipe not found (run from a clone of nrt-mlx, or pass --recipe)")
+        raise NrtError(
+            f"{path}: quickstart recipe not found (run from a clone of nrt-mlx, or pass --recipe)"
+        )
     recipe = load_recipe(path, overrides)
     if not recipe.model.path:
-        print("Getting the default model (SmolLM2-135M-Instruct, converted once and cached)...", flush=True)
+        print(
+            "Getting the default model (SmolLM2-135M-Instruct, converted once and cached)...",
+            flush=True,
+        )
         recipe.model.path = str(default_model_dir())
     recipe.run.dir = str(_fresh_run_dir(Path(recipe.run.dir)))
     session = prepare(recipe)
@@ -74,17 +79,21 @@ def run_quickstart(
     after.to_json(session.run.root / "eval_after.json")
     print(f"held-out answer NLL/token before: {_nll_line(before.summary)}")
     print(f"held-out answer NLL/token after:  {_nll_line(after.summary)}")
-    print(f"held-out answer log-likelihood per token: {-before.summary['null_nll']:.3f} -> "
-          f"{-after.summary['null_nll']:.3f} (no reasoning), {-before.summary['trace_nll_mean']:.3f} -> "
-          f"{-after.summary['trace_nll_mean']:.3f} (after sampled reasoning)")
+    print(
+        f"held-out answer log-likelihood per token: {-before.summary['null_nll']:.3f} -> "
+        f"{-after.summary['null_nll']:.3f} (no reasoning), {-before.summary['trace_nll_mean']:.3f} -> "
+        f"{-after.summary['trace_nll_mean']:.3f} (after sampled reasoning)"
+    )
     _print_samples(after)
     print(f"run directory: {session.run.root}")
     return session.run.root
 
 
 def _nll_line(summary: dict) -> str:
-    return (f"no reasoning {summary['null_nll']:.3f}, after reasoning {summary['trace_nll_mean']:.3f} "
-            f"(best of K {summary['trace_nll_best']:.3f})")
+    return (
+        f"no reasoning {summary['null_nll']:.3f}, after reasoning {summary['trace_nll_mean']:.3f} "
+        f"(best of K {summary['trace_nll_best']:.3f})"
+    )
 
 
 def _print_samples(report, n: int = 3) -> None:
@@ -92,4 +101,6 @@ def _print_samples(report, n: int = 3) -> None:
     for q in report.questions[:n]:
         trace = (q.get("traces") or [""])[0]
         trace = trace if isinstance(trace, str) else trace.get("text", "")
-        print(f"  Q: {q['question']}\n  reference: {q['reference']}\n  trace: {trace.strip()[:200]!r}\n")
+        print(
+            f"  Q: {q['question']}\n  reference: {q['reference']}\n  trace: {trace.strip()[:200]!r}\n"
+        )

@@ -22,7 +22,7 @@ from nrt_mlx.errors import NrtError
 @dataclass
 class ModelConfig:
     path: str = ""  # local mlx-lm directory or Hugging Face repo id
-    quantize: Union[Literal["auto", "none"], int] = "auto"  # auto: 4-bit on Metal/CUDA, fp32 on CPU
+    quantize: Literal["auto", "none"] | int = "auto"  # auto: 4-bit on Metal/CUDA, fp32 on CPU
     group_size: int = 64
     trust_remote_code: bool = False
 
@@ -50,7 +50,9 @@ class LoraConfig:
     rank: int = 16
     scale: float = 20.0
     dropout: float = 0.0
-    keys: list[str] | None = None  # e.g. ["self_attn.q_proj", "self_attn.v_proj"]; None: all linears
+    keys: list[str] | None = (
+        None  # e.g. ["self_attn.q_proj", "self_attn.v_proj"]; None: all linears
+    )
 
 
 @dataclass
@@ -218,7 +220,9 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     kwargs = {}
     for name, value in data.items():
         if name not in sections:
-            raise NrtError(f"{source}: unknown section '{name}', {_closest(str(name), list(sections))}")
+            raise NrtError(
+                f"{source}: unknown section '{name}', {_closest(str(name), list(sections))}"
+            )
         if value is None:
             value = {}
         if not isinstance(value, dict):
@@ -238,7 +242,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "-
         dotted, raw = item.split("=", 1)
         section, key = dotted.split(".", 1)
         if section not in sections:
-            raise NrtError(f"{source} {item!r}: unknown section '{section}', {_closest(section, list(sections))}")
+            raise NrtError(
+                f"{source} {item!r}: unknown section '{section}', {_closest(section, list(sections))}"
+            )
         value = yaml.safe_load(raw) if raw.strip() else ""
         data.setdefault(section, {})
         if data[section] is None:
@@ -256,7 +262,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
-        raise NrtError(f"{path}:{line} is not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise NrtError(
+            f"{path}:{line} is not valid YAML ({getattr(err, 'problem', err)})"
+        ) from None
     if not isinstance(data, dict):
         raise NrtError(f"{path}: expected a mapping of sections (model:, data:, ...)")
     apply_overrides(data, overrides or [])
@@ -267,7 +275,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         value = getattr(recipe.data, attr)
         if value and not Path(value).is_absolute() and (base / value).exists():
             setattr(recipe.data, attr, str((base / value).resolve()))
-    if recipe.model.path and not Path(recipe.model.path).is_absolute() and (base / recipe.model.path).exists():
+    if (
+        recipe.model.path
+        and not Path(recipe.model.path).is_absolute()
+        and (base / recipe.model.path).exists()
+    ):
         recipe.model.path = str((base / recipe.model.path).resolve())
     return recipe
 

@@ -86,7 +86,9 @@ def sample_traces(
     prefilled = [_prefill(model, p) for p in prompts]
     n_layers = len(prefilled[0][0])
     cache = [
-        prefilled[0][0][layer].merge([prefilled[q][0][layer] for q in range(len(prompts)) for _ in range(k)])
+        prefilled[0][0][layer].merge(
+            [prefilled[q][0][layer] for q in range(len(prompts)) for _ in range(k)]
+        )
         for layer in range(n_layers)
     ]
     logits = mx.repeat(mx.concatenate([lg for _, lg in prefilled], axis=0), k, axis=0)

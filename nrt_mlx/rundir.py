@@ -113,7 +113,9 @@ class RunDir:
                 shutil.rmtree(self.checkpoint_dir(old), ignore_errors=True)
         return path
 
-    def load_checkpoint(self, step: int, model: nn.Module, optimizer: optim.Optimizer) -> dict[str, Any]:
+    def load_checkpoint(
+        self, step: int, model: nn.Module, optimizer: optim.Optimizer
+    ) -> dict[str, Any]:
         """Restore adapters and optimizer state; returns the saved training state."""
         path = self.checkpoint_dir(step)
         state_file = path / "state.json"

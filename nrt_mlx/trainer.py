@@ -32,7 +32,7 @@ from mlx.utils import tree_map
 from nrt_mlx.data import Dataset, Example, drop_long, load_jsonl
 from nrt_mlx.errors import NrtError
 from nrt_mlx.loss import nrt_loss, sft_loss
-from nrt_mlx.model import LoadedModel, add_adapters, adapter_config, load_model
+from nrt_mlx.model import LoadedModel, adapter_config, add_adapters, load_model
 from nrt_mlx.progress import Reporter
 from nrt_mlx.recipe import Recipe, load_recipe, save_recipe
 from nrt_mlx.rollout import Trace, sample_traces
@@ -113,7 +113,9 @@ def lr_schedule(recipe: Recipe) -> Any:
     """Linear warm-up to the learning rate, then cosine decay to ``min_lr_ratio`` of it."""
     o, steps = recipe.optimizer, recipe.train.steps * recipe.train.updates_per_rollout
     warmup = int(round(o.warmup_ratio * steps))
-    cosine = optim.cosine_decay(o.learning_rate, max(steps - warmup, 1), o.learning_rate * o.min_lr_ratio)
+    cosine = optim.cosine_decay(
+        o.learning_rate, max(steps - warmup, 1), o.learning_rate * o.min_lr_ratio
+    )
     if warmup == 0:
         return cosine
     ramp = optim.linear_schedule(o.learning_rate / warmup, o.learning_rate, warmup)
@@ -154,7 +156,9 @@ def prepare(recipe: Recipe, resume: bool = False) -> Session:
     if not resume:
         _check_run_dir(run)
     train_data = load_jsonl(recipe.data.train, recipe.data, "data.train")
-    valid_data = load_jsonl(recipe.data.valid, recipe.data, "data.valid") if recipe.data.valid else None
+    valid_data = (
+        load_jsonl(recipe.data.valid, recipe.data, "data.valid") if recipe.data.valid else None
+    )
     loaded = load_model(recipe.model)
     tok = loaded.tokenizer
     if recipe.train.grad_checkpoint:
@@ -176,10 +180,16 @@ def prepare(recipe: Recipe, resume: bool = False) -> Session:
         + recipe.data.max_answer_tokens
     )
     normalizer = float(
-        recipe.objective.normalizer or (recipe.rollout.max_think_tokens + recipe.data.max_answer_tokens)
+        recipe.objective.normalizer
+        or (recipe.rollout.max_think_tokens + recipe.data.max_answer_tokens)
     )
-    extra = {"nrt_mlx": {"method": recipe.train.method, "aggregator": recipe.objective.aggregator,
-                         "marker": marker.text}}
+    extra = {
+        "nrt_mlx": {
+            "method": recipe.train.method,
+            "aggregator": recipe.objective.aggregator,
+            "marker": marker.text,
+        }
+    }
     session = Session(
         recipe=recipe,
         loaded=loaded,
@@ -199,7 +209,9 @@ def prepare(recipe: Recipe, resume: bool = False) -> Session:
     return session
 
 
-def _rows_for_step(session: Session, items: list[Encoded], traces: list[list[Trace]] | None) -> list[list[Row]]:
+def _rows_for_step(
+    session: Session, items: list[Encoded], traces: list[list[Trace]] | None
+) -> list[list[Row]]:
     """Rows per question: K trace rows and the null-think row (NRT), or the answer row (SFT)."""
     out = []
     for q, item in enumerate(items):
@@ -244,7 +256,13 @@ def train_step(session: Session, step: int) -> dict[str, Any]:
     model = session.loaded.model
     seed = r.train.seed
     mx.random.seed(seed * 1_000_003 + step)  # LoRA dropout, reproducible per step
-    idx = question_indices(len(session.train), seed, session.state["position"], r.train.questions_per_step, r.data.shuffle)
+    idx = question_indices(
+        len(session.train),
+        seed,
+        session.state["position"],
+        r.train.questions_per_step,
+        r.data.shuffle,
+    )
     items = [session.train[i] for i in idx]
     nrt = r.train.method == "nrt"
 
@@ -256,7 +274,9 @@ def train_step(session: Session, step: int) -> dict[str, Any]:
             model, [it.prompt for it in items], r.rollout, session.marker.ids, session.eos_ids, key
         )
     rows = _rows_for_step(session, items, traces)
-    batches = [collate(mb, session.pad_id) for mb in _micro_batches(rows, r.train.micro_batch_questions)]
+    batches = [
+        collate(mb, session.pad_id) for mb in _micro_batches(rows, r.train.micro_batch_questions)
+    ]
     model.train()
 
     if nrt:
@@ -277,7 +297,11 @@ def train_step(session: Session, step: int) -> dict[str, Any]:
             mx.eval(b.old_logprobs)
 
     start = time.perf_counter()
-    lr = float(session.optimizer.learning_rate.item()) if isinstance(session.optimizer.learning_rate, mx.array) else None
+    lr = (
+        float(session.optimizer.learning_rate.item())
+        if isinstance(session.optimizer.learning_rate, mx.array)
+        else None
+    )
     sums: dict[str, float] = {}
     rewards: list[float] = []
     train_tokens = 0
@@ -334,8 +358,12 @@ def _sample_record(session: Session, step: int, max_traces: int = 4) -> dict[str
         "question": item.example.question,
         "reference": item.example.answer,
         "traces": [
-            {"text": tok.decode(t.tokens), "reward": rewards[i] if i < len(rewards) else None,
-             "tokens": len(t.tokens), "emitted_marker": t.emitted_marker}
+            {
+                "text": tok.decode(t.tokens),
+                "reward": rewards[i] if i < len(rewards) else None,
+                "tokens": len(t.tokens),
+                "emitted_marker": t.emitted_marker,
+            }
             for i, t in enumerate(traces[0][: min(k, max_traces)])
         ],
     }
@@ -356,9 +384,37 @@ def _checkpoint(session: Session, step: int) -> None:
     )
 
 
-def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> Path:
-    """Train from ``start_step`` to ``train.steps``, logging, sampling and checkpointing."""
+def evaluate_valid(session: Session) -> dict[str, float]:
+    """The eval figures on the valid split within the recipe's budget, keys prefixed ``eval_``."""
+    from nrt_mlx.evaluate import EvalConfig, evaluate
+
     r = session.recipe
+    cfg = EvalConfig(
+        samples=r.train.eval_samples,
+        max_think_tokens=r.rollout.max_think_tokens,
+        temperature=r.rollout.temperature,
+        top_p=r.rollout.top_p,
+        seed=r.train.seed,
+        max_questions=r.train.eval_questions,
+        generate=True,
+        max_answer_tokens=min(64, r.data.max_answer_tokens),
+        marker=r.rollout.marker,
+        think_prefix=r.rollout.think_prefix,
+    )
+    report = evaluate(
+        session.loaded.model, session.loaded.tokenizer, [e.example for e in session.valid], cfg
+    )
+    return {f"eval_{k}": v for k, v in report.summary.items() if isinstance(v, (int, float))}
+
+
+def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> Path:
+    """Train from ``start_step`` to ``train.steps``: log, sample, evaluate, watch for collapse,
+    checkpoint."""
+    from nrt_mlx.collapse import CollapseMonitor, distinct_n
+
+    r = session.recipe
+    monitor = CollapseMonitor(r.train.collapse_fraction)
+    monitor.replay(session.run.read_metrics())  # a resumed run keeps its starting values
     reporter = Reporter(r.train.steps, start_step, quiet, r.run.log_every)
     try:
         for step in range(start_step + 1, r.train.steps + 1):
@@ -366,12 +422,38 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
             for key, value in metrics.items():
                 if isinstance(value, float) and not math.isfinite(value):
                     raise NrtError(f"step {step}: {key} is {value}; lower optimizer.learning_rate")
+            stop = False
+            if r.train.method == "nrt":
+                _, traces, _ = session.state["last_traces"]
+                metrics["distinct_2"] = distinct_n([t.tokens for g in traces for t in g], 2)
+                warnings = monitor.update(step, metrics)
+                for message in warnings:
+                    reporter.warn(message)
+                if warnings:
+                    metrics["collapse_warning"] = " | ".join(warnings)
+                stop = r.train.collapse_stop and monitor.collapsed
+            if (
+                session.valid
+                and r.train.eval_every
+                and (step % r.train.eval_every == 0 or step == r.train.steps)
+            ):
+                metrics.update(evaluate_valid(session))
             session.run.log_metrics(metrics)
-            if r.train.method == "nrt" and r.run.samples_every and (step == 1 or step % r.run.samples_every == 0):
+            if (
+                r.train.method == "nrt"
+                and r.run.samples_every
+                and (step == 1 or step % r.run.samples_every == 0)
+            ):
                 session.run.log_sample(_sample_record(session, step))
             reporter.step(metrics)
-            if step % r.run.save_every == 0 or step == r.train.steps:
+            if stop or step % r.run.save_every == 0 or step == r.train.steps:
                 _checkpoint(session, step)
+            if stop:
+                reporter.warn(
+                    f"stopped at step {step} on policy collapse (train.collapse_stop); "
+                    f"checkpoint {session.run.checkpoint_dir(step)}"
+                )
+                break
     finally:
         reporter.close()
     return session.run.root
@@ -394,7 +476,9 @@ def resume(run_dir: str | Path, quiet: bool = False, overrides: list[str] | None
         raise NrtError(f"{run_dir}: not a run directory (no recipe.yaml)")
     step = run.latest_checkpoint()
     if step is None:
-        raise NrtError(f"{run_dir}: no checkpoint to resume from; start it again with 'nrt-mlx train'")
+        raise NrtError(
+            f"{run_dir}: no checkpoint to resume from; start it again with 'nrt-mlx train'"
+        )
     recipe = load_recipe(run.recipe, overrides)
     recipe.run.dir = str(run.root)
     session = prepare(recipe, resume=True)

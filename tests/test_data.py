@@ -15,17 +15,22 @@ def write_lines(path, lines):
 
 
 def test_three_formats_and_context(tmp_path):
-    p = write_lines(tmp_path / "d.jsonl", [
-        {"question": "Q1?", "answer": "A1"},
-        {"prompt": "Q2?", "completion": "A2"},
-        {"messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello"},
-            {"role": "user", "content": "Q3?"},
-            {"role": "assistant", "content": "A3"},
-        ]},
-    ])
+    p = write_lines(
+        tmp_path / "d.jsonl",
+        [
+            {"question": "Q1?", "answer": "A1"},
+            {"prompt": "Q2?", "completion": "A2"},
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "Q3?"},
+                    {"role": "assistant", "content": "A3"},
+                ]
+            },
+        ],
+    )
     d = load_jsonl(p, DataConfig())
     assert [e.answer for e in d.examples] == ["A1", "A2", "A3"]
     assert d.examples[0].messages == [{"role": "user", "content": "Q1?"}]
@@ -35,15 +40,18 @@ def test_three_formats_and_context(tmp_path):
 
 
 def test_malformed_lines_are_skipped_with_line_numbers(tmp_path):
-    p = write_lines(tmp_path / "d.jsonl", [
-        {"question": "ok?", "answer": "yes"},
-        "{not json",
-        {"question": "empty?", "answer": "  "},
-        {"foo": 1},
-        "",
-        {"messages": [{"role": "user", "content": "no answer"}]},
-        {"question": "ok2?", "answer": "fine", "options": ["fine", "bad"]},
-    ])
+    p = write_lines(
+        tmp_path / "d.jsonl",
+        [
+            {"question": "ok?", "answer": "yes"},
+            "{not json",
+            {"question": "empty?", "answer": "  "},
+            {"foo": 1},
+            "",
+            {"messages": [{"role": "user", "content": "no answer"}]},
+            {"question": "ok2?", "answer": "fine", "options": ["fine", "bad"]},
+        ],
+    )
     d = load_jsonl(p, DataConfig())
     assert len(d) == 2
     assert [n for n, _ in d.skipped] == [2, 3, 4, 6]
@@ -56,7 +64,9 @@ def test_malformed_lines_are_skipped_with_line_numbers(tmp_path):
 
 def test_configurable_fields_and_system_prompt(tmp_path):
     p = write_lines(tmp_path / "d.jsonl", [{"instruction": "Do X", "output": "Done"}])
-    d = load_jsonl(p, DataConfig(question_field="instruction", answer_field="output", system_prompt="S"))
+    d = load_jsonl(
+        p, DataConfig(question_field="instruction", answer_field="output", system_prompt="S")
+    )
     assert d.examples[0].answer == "Done"
     assert d.examples[0].messages[0] == {"role": "system", "content": "S"}
 
@@ -70,13 +80,18 @@ def test_missing_or_unusable_file_is_one_line_error(tmp_path):
 
 
 def test_long_prompts_are_skipped_and_counted(tmp_path):
-    p = write_lines(tmp_path / "d.jsonl", [
-        {"question": "short", "answer": "a"},
-        {"question": "a much longer question here", "answer": "a"},
-        {"question": "short", "answer": "a very long answer indeed"},
-    ])
+    p = write_lines(
+        tmp_path / "d.jsonl",
+        [
+            {"question": "short", "answer": "a"},
+            {"question": "a much longer question here", "answer": "a"},
+            {"question": "short", "answer": "a very long answer indeed"},
+        ],
+    )
     d = load_jsonl(p, DataConfig())
     drop_long(d, lambda e: len(e.question.split()), lambda e: len(e.answer.split()), 3, 3)
     assert len(d) == 1
     assert [n for n, _ in d.skipped] == [2, 3]
-    assert "data.max_prompt_tokens" in d.skipped[0][1] and "data.max_answer_tokens" in d.skipped[1][1]
+    assert (
+        "data.max_prompt_tokens" in d.skipped[0][1] and "data.max_answer_tokens" in d.skipped[1][1]
+    )

@@ -24,19 +24,35 @@ def test_reference_recipe_documents_every_key_and_loads():
     for section, keys in recipe.to_dict().items():
         assert set(data[section]) == set(keys), section
     text = (REPO / "recipes" / "reference.yaml").read_text()
-    for section, keys in recipe.to_dict().items():
+    for keys in recipe.to_dict().values():
         for key in keys:  # every key has a comment on its line or a section comment
             line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"{key}:"))
-            assert "#" in line or key in ("question_field", "answer_field", "prompt_field",
-                                          "completion_field", "messages_field", "trust_remote_code",
-                                          "temperature", "top_p", "rank", "dropout", "eps",
-                                          "weight_decay", "betas", "learning_rate", "clip_ratio_high",
-                                          "steps", "group_size"), key
+            assert "#" in line or key in (
+                "question_field",
+                "answer_field",
+                "prompt_field",
+                "completion_field",
+                "messages_field",
+                "trust_remote_code",
+                "temperature",
+                "top_p",
+                "rank",
+                "dropout",
+                "eps",
+                "weight_decay",
+                "betas",
+                "learning_rate",
+                "clip_ratio_high",
+                "steps",
+                "group_size",
+            ), key
     load_recipe(REPO / "recipes" / "reference.yaml")
 
 
 def test_values_are_typed_and_overrides_apply(tmp_path):
-    p = write(tmp_path, "train:\n  steps: 5\noptimizer:\n  learning_rate: 3e-4\nmodel:\n  quantize: 4\n")
+    p = write(
+        tmp_path, "train:\n  steps: 5\noptimizer:\n  learning_rate: 3e-4\nmodel:\n  quantize: 4\n"
+    )
     r = load_recipe(p, ["train.steps=7", "rollout.temperature=0.5", "lora.keys=[self_attn.q_proj]"])
     assert r.train.steps == 7
     assert r.optimizer.learning_rate == pytest.approx(3e-4)

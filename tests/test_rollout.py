@@ -53,7 +53,9 @@ def test_stops_at_marker_eos_and_budget(model_and_tokenizer):
     assert all(t.emitted_marker and t.tokens == [] for t in traces[0])
     # A two-token text marker: the greedy continuation's first two tokens.
     second = int(np.argmax(full_logprobs(model, prompt + [greedy])[-1]))
-    traces, _ = sample_traces(model, [prompt], nearly_greedy, [greedy, second], {2}, mx.random.key(0))
+    traces, _ = sample_traces(
+        model, [prompt], nearly_greedy, [greedy, second], {2}, mx.random.key(0)
+    )
     assert all(t.emitted_marker and t.tokens == [] for t in traces[0])
     # The same token as EOS instead: ends by EOS, no marker.
     traces, _ = sample_traces(model, [prompt], nearly_greedy, [9999], {greedy}, mx.random.key(0))

@@ -23,8 +23,12 @@ DATA = REPO / "recipes" / "data"
 def make_recipe(tmp_path: Path, model_dir: Path, name: str = "run", **sections) -> Path:
     recipe = {
         "model": {"path": str(model_dir)},
-        "data": {"train": str(DATA / "train.jsonl"), "valid": str(DATA / "test.jsonl"),
-                 "max_prompt_tokens": 96, "max_answer_tokens": 48},
+        "data": {
+            "train": str(DATA / "train.jsonl"),
+            "valid": str(DATA / "test.jsonl"),
+            "max_prompt_tokens": 96,
+            "max_answer_tokens": 48,
+        },
         "lora": {"layers": 2, "rank": 4},
         "rollout": {"samples": 2, "max_think_tokens": 8},
         "optimizer": {"learning_rate": 1e-3, "warmup_ratio": 0.0},
@@ -58,17 +62,38 @@ def test_nrt_three_steps_per_aggregator(tmp_path, tiny_model_dir, aggregator):
     recipe = make_recipe(tmp_path, tiny_model_dir, objective={"aggregator": aggregator})
     cli("train", str(recipe), "--quiet")
     run = tmp_path / "run"
-    for name in ("recipe.yaml", "adapters/adapters.safetensors", "adapters/adapter_config.json",
-                 "checkpoints/step_000002/optimizer.safetensors", "checkpoints/step_000003/state.json",
-                 "metrics.jsonl", "samples.jsonl"):
+    for name in (
+        "recipe.yaml",
+        "adapters/adapters.safetensors",
+        "adapters/adapter_config.json",
+        "checkpoints/step_000002/optimizer.safetensors",
+        "checkpoints/step_000003/state.json",
+        "metrics.jsonl",
+        "samples.jsonl",
+    ):
         assert (run / name).exists(), name
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        for key in ("loss", "trace_loss", "token_loss", "format_loss", "reward_mean", "reward_std",
-                    "answer_nll", "null_answer_nll", "trace_tokens_mean", "trace_tokens_min",
-                    "trace_tokens_max", "marker_rate", "trace_entropy", "sample_tokens_per_s",
-                    "train_tokens_per_s", "peak_memory_gb", "lr"):
+        for key in (
+            "loss",
+            "trace_loss",
+            "token_loss",
+            "format_loss",
+            "reward_mean",
+            "reward_std",
+            "answer_nll",
+            "null_answer_nll",
+            "trace_tokens_mean",
+            "trace_tokens_min",
+            "trace_tokens_max",
+            "marker_rate",
+            "trace_entropy",
+            "sample_tokens_per_s",
+            "train_tokens_per_s",
+            "peak_memory_gb",
+            "lr",
+        ):
             assert np.isfinite(r[key]), (key, r[key])
     saved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert saved["objective"]["aggregator"] == aggregator
@@ -76,30 +101,47 @@ def test_nrt_three_steps_per_aggregator(tmp_path, tiny_model_dir, aggregator):
     sample = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
     assert sample["reference"] and len(sample["traces"]) == 2
     # The adapters load in mlx-lm itself and change the model.
-    assert not np.allclose(logits(tiny_model_dir, run / "adapters"), logits(tiny_model_dir, None), atol=1e-5)
+    assert not np.allclose(
+        logits(tiny_model_dir, run / "adapters"), logits(tiny_model_dir, None), atol=1e-5
+    )
 
 
 def test_sft_baseline(tmp_path, tiny_model_dir):
     one = tmp_path / "one.jsonl"
-    one.write_text(json.dumps({"question": "What is the capital of France?", "answer": "Paris"}) + "\n")
-    recipe = make_recipe(tmp_path, tiny_model_dir, train={"method": "sft", "steps": 5},
-                         data={"train": str(one)})
+    one.write_text(
+        json.dumps({"question": "What is the capital of France?", "answer": "Paris"}) + "\n"
+    )
+    recipe = make_recipe(
+        tmp_path, tiny_model_dir, train={"method": "sft", "steps": 5}, data={"train": str(one)}
+    )
     cli("train", str(recipe), "--quiet")
     rows = metrics(tmp_path / "run")
     assert len(rows) == 5 and all(np.isfinite(r["loss"]) for r in rows)
     assert "reward_mean" not in rows[0]
     assert rows[-1]["answer_nll"] < rows[0]["answer_nll"] - 0.5  # it learns the one answer
-    assert not np.allclose(logits(tiny_model_dir, tmp_path / "run" / "adapters"), logits(tiny_model_dir, None), atol=1e-5)
+    assert not np.allclose(
+        logits(tiny_model_dir, tmp_path / "run" / "adapters"),
+        logits(tiny_model_dir, None),
+        atol=1e-5,
+    )
 
 
 def strip_timing(rows: list[dict]) -> list[dict]:
-    drop = ("sample_tokens_per_s", "train_tokens_per_s", "sample_seconds", "train_seconds", "peak_memory_gb")
+    drop = (
+        "sample_tokens_per_s",
+        "train_tokens_per_s",
+        "sample_seconds",
+        "train_seconds",
+        "peak_memory_gb",
+    )
     return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
 def test_same_seed_same_metrics_and_resume_matches(tmp_path, tiny_model_dir):
-    extra = {"train": {"steps": 4, "questions_per_step": 2, "micro_batch_questions": 1},
-             "lora": {"layers": 2, "rank": 4, "dropout": 0.1}}
+    extra = {
+        "train": {"steps": 4, "questions_per_step": 2, "micro_batch_questions": 1},
+        "lora": {"layers": 2, "rank": 4, "dropout": 0.1},
+    }
     a = make_recipe(tmp_path, tiny_model_dir, "a", **extra)
     b = make_recipe(tmp_path, tiny_model_dir, "b", **extra)
     cli("train", str(a), "--quiet")
@@ -114,7 +156,7 @@ def test_same_seed_same_metrics_and_resume_matches(tmp_path, tiny_model_dir):
     run = tmp_path / "c"
     shutil.rmtree(run / "checkpoints" / "step_000004")
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    (run / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n{\"step\": 4, \"lo")  # torn line
+    (run / "metrics.jsonl").write_text("\n".join(lines[:3]) + '\n{"step": 4, "lo')  # torn line
     cli("train", "--resume", str(run), "--quiet")
     resumed = strip_timing(metrics(tmp_path / "c"))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
@@ -133,7 +175,10 @@ def test_refuses_to_overwrite_a_run_and_bad_input_is_one_line(tmp_path, tiny_mod
         (["train", str(recipe), "--set", "train.stepz=2"], "did you mean 'steps'"),
         (["train", str(tmp_path / "missing.yaml")], "recipe file not found"),
         (["train", "--resume", str(tmp_path / "nothing")], "not a run directory"),
-        (["train", str(make_recipe(tmp_path, tmp_path / "no-model", "nomodel"))], "no such directory"),
+        (
+            ["train", str(make_recipe(tmp_path, tmp_path / "no-model", "nomodel"))],
+            "no such directory",
+        ),
     ]
     for args, expected in cases:
         proc = subprocess.run(exe + args, capture_output=True, text=True, timeout=120)
