@@ -16,10 +16,10 @@ Randomness is derived from (seed, step), so a resumed run repeats an uninterrupt
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from mlx.utils import tree_map
 
 from nrt_mlx.data import Dataset, Example, drop_long, load_jsonl
 from nrt_mlx.errors import NrtError
-from nrt_mlx.loss import nrt_loss, sft_loss
+from nrt_mlx.loss import nrt_loss, score_batch, sft_loss
 from nrt_mlx.model import LoadedModel, adapter_config, add_adapters, load_model
 from nrt_mlx.progress import Reporter
 from nrt_mlx.recipe import Recipe, load_recipe, save_recipe
@@ -240,16 +240,6 @@ def _micro_batches(rows: list[list[Row]], per_batch: int) -> list[list[Row]]:
     return [sum(rows[i : i + per_batch], []) for i in range(0, len(rows), per_batch)]
 
 
-def _old_logprobs(model: nn.Module, batch: Any) -> mx.array:
-    """Log-probabilities of the rollout tokens under the weights that sampled them."""
-    from nrt_mlx.loss import token_logprobs
-
-    logits = model(batch.tokens[:, :-1])
-    lp = token_logprobs(logits, batch.tokens[:, 1:])
-    lp = mx.concatenate([mx.zeros((lp.shape[0], 1)), lp], axis=1)
-    return mx.stop_gradient(lp)
-
-
 def train_step(session: Session, step: int) -> dict[str, Any]:
     """One optimizer step (or ``updates_per_rollout`` of them on one rollout batch)."""
     r = session.recipe
@@ -279,22 +269,25 @@ def train_step(session: Session, step: int) -> dict[str, Any]:
     ]
     model.train()
 
-    if nrt:
-        loss_fn = partial(nrt_loss, cfg=r.objective, normalizer=session.normalizer)
-    else:
-        loss_fn = partial(sft_loss, normalizer=session.normalizer)
     n_rows = [int((~b.is_null).sum().item()) for b in batches]
     total_rows = sum(n_rows)
+    fixed_rewards: list[Any] = [None] * len(batches)
+    if nrt and r.train.updates_per_rollout > 1:
+        # Several updates on one rollout batch: the rewards and the old log-probs of the clipped
+        # importance ratio come from the weights that sampled the batch, fixed before any update.
+        for i, b in enumerate(batches):
+            fixed_rewards[i], lp = score_batch(model, b, r.objective)
+            batches[i] = dataclasses.replace(b, old_logprobs=lp, old_known=None)
+            mx.eval(lp, fixed_rewards[i].advantage)
 
-    def weighted(model: nn.Module, batch: Any, weight: float) -> tuple[mx.array, dict]:
-        loss, metrics = loss_fn(model, batch)
+    def weighted(model: nn.Module, batch: Any, weight: float, rewards: Any) -> tuple[mx.array, dict]:
+        if nrt:
+            loss, metrics = nrt_loss(model, batch, r.objective, session.normalizer, rewards=rewards)
+        else:
+            loss, metrics = sft_loss(model, batch, session.normalizer)
         return loss * weight, metrics
 
     value_and_grad = nn.value_and_grad(model, weighted)
-    if r.train.updates_per_rollout > 1:
-        for b in batches:
-            b.old_logprobs = _old_logprobs(model, b)
-            mx.eval(b.old_logprobs)
 
     start = time.perf_counter()
     lr = (
@@ -307,8 +300,8 @@ def train_step(session: Session, step: int) -> dict[str, Any]:
     train_tokens = 0
     for update in range(r.train.updates_per_rollout):
         grads = None
-        for b, n in zip(batches, n_rows):
-            (loss, metrics), g = value_and_grad(model, b, n / total_rows)
+        for b, n, fixed in zip(batches, n_rows, fixed_rewards):
+            (loss, metrics), g = value_and_grad(model, b, n / total_rows, fixed)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(loss, grads, metrics)
             if update == 0:
