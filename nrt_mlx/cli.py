@@ -94,14 +94,18 @@ def doctor() -> None:
 def fuse(
     run_dir: str = typer.Argument(..., help="Run directory written by 'nrt-mlx train'."),
     out_dir: str = typer.Argument(..., help="Directory to write the standalone mlx-lm model to."),
-    checkpoint: Optional[int] = typer.Option(
-        None, "--checkpoint", help="Fuse the checkpoint of this step instead of the latest adapters."
+    checkpoint: int | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="Fuse the checkpoint of this step instead of the latest adapters.",
     ),
-    dequantize: bool = typer.Option(False, "--dequantize", help="Write dense weights for a quantized base."),
+    dequantize: bool = typer.Option(
+        False, "--dequantize", help="Write dense weights for a quantized base."
+    ),
     export_gguf: bool = typer.Option(
         False, "--export-gguf", help="Also write model.gguf (Llama/Mistral, dense weights)."
     ),
-    upload_repo: Optional[str] = typer.Option(
+    upload_repo: str | None = typer.Option(
         None, "--upload-repo", help="Then upload the model to this Hugging Face repo (owner/name)."
     ),
     private: bool = typer.Option(False, "--private", help="Create the uploaded repo as private."),
@@ -114,11 +118,15 @@ def fuse(
 
         check_repo_id(upload_repo)  # fail before minutes of fusing, not after
     out = fuse_run(
-        run_dir, out_dir, checkpoint=checkpoint, dequantize=dequantize, export_gguf=export_gguf,
+        run_dir,
+        out_dir,
+        checkpoint=checkpoint,
+        dequantize=dequantize,
+        export_gguf=export_gguf,
         repo_id=upload_repo,
     )
     typer.echo(f"fused model written to {out}")
-    typer.echo(f"try it: mlx_lm.generate --model {out} --prompt \"Why is the sky blue?\"")
+    typer.echo(f'try it: mlx_lm.generate --model {out} --prompt "Why is the sky blue?"')
     if upload_repo:
         _upload_or_list(out, upload_repo, private, dry_run=False)
 
@@ -128,7 +136,9 @@ def upload(
     out_dir: str = typer.Argument(..., help="Model directory written by 'nrt-mlx fuse'."),
     repo_id: str = typer.Argument(..., help="Hugging Face repo id, owner/name."),
     private: bool = typer.Option(False, "--private", help="Create the repo as private."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the files that would be sent; send nothing."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="List the files that would be sent; send nothing."
+    ),
 ) -> None:
     """Upload a fused model directory to the Hugging Face Hub (token: HF_TOKEN or 'hf auth login')."""
     _upload_or_list(out_dir, repo_id, private, dry_run)
@@ -142,12 +152,144 @@ def _upload_or_list(folder: str, repo_id: str, private: bool, dry_run: bool) -> 
     for name in files:
         typer.echo(name)
     if dry_run:
-        typer.echo(f"dry run: {len(files)} files would be uploaded to {repo_id}; nothing was sent", err=True)
+        typer.echo(
+            f"dry run: {len(files)} files would be uploaded to {repo_id}; nothing was sent",
+            err=True,
+        )
     else:
         typer.echo(f"uploaded {len(files)} files to {repo_id} on {hub_endpoint()}", err=True)
 
 
 # ---- eval / plot / score / compare (issue 6) -------------------------------------------------
+
+
+class _OneLineErrors:
+    """NrtError -> 'error: ...' and exit 2 inside the command, so CliRunner sees it too."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, err: BaseException | None, tb: object) -> bool:
+        if isinstance(err, NrtError):
+            fail(str(err))
+        return False
+
+
+def _eval_inputs(model: str | None, adapter: str | None) -> tuple:
+    """The adapter source (None without --adapter) and the loaded model with adapters applied."""
+    from nrt_mlx.evaluate import find_adapters, load_for_eval
+
+    source = find_adapters(adapter) if adapter else None
+    return source, load_for_eval(model, source)
+
+
+def _print(renderables: list) -> None:
+    from rich.console import Console
+
+    console = Console()
+    for item in renderables:
+        console.print(item)
+
+
+@app.command("eval")
+def eval_(
+    data: str = typer.Option(..., "--data", help="JSONL of question/answer records (optional 'options')."),
+    model: str | None = typer.Option(None, "--model", help="Base model (default: the --adapter run's model)."),
+    adapter: str | None = typer.Option(None, "--adapter", help="RUN_DIR, RUN_DIR/checkpoints/step_N or adapter dir."),
+    samples: int = typer.Option(4, "--samples", help="Sampled traces per question (K)."),
+    max_think: int | None = typer.Option(None, "--max-think", help="Think-token limit (default: the run's, else 128)."),
+    max_questions: int = typer.Option(0, "--max-questions", help="Evaluate the first N questions (0 = all)."),
+    max_answer: int = typer.Option(64, "--max-answer", help="Token limit of the generated answers."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed gives the same report."),
+    marker: str | None = typer.Option(None, "--marker", help="Answer marker (default: the run's, else auto)."),
+    no_generate: bool = typer.Option(False, "--no-generate", help="Skip the generated answers (likelihoods only)."),
+    out: str = typer.Option("eval_report.json", "--out", help="Where to write the JSON report."),
+) -> None:
+    """Answer NLL with and without reasoning, generated-answer EM/F1, accuracy on options, traces."""
+    from nrt_mlx.data import load_jsonl
+    from nrt_mlx.evaluate import config_from_run, evaluate, find_adapters
+    from nrt_mlx.recipe import DataConfig
+
+    with _OneLineErrors():
+        source = find_adapters(adapter) if adapter else None
+        recipe = source.recipe if source else None
+        # The run's data section: same field names and system prompt as in training.
+        dataset = load_jsonl(data, recipe.data if recipe else DataConfig(), "--data")
+        cfg = config_from_run(
+            recipe, samples=samples, max_think_tokens=max_think, max_questions=max_questions,
+            max_answer_tokens=max_answer, seed=seed, marker=marker, generate=not no_generate,
+        )
+        _, loaded = _eval_inputs(model, adapter)
+        report = evaluate(loaded.model, loaded.tokenizer, dataset.examples, cfg)
+        path = report.to_json(out)
+    _print(report.tables())
+    typer.echo(f"report written to {path}")
+
+
+@app.command()
+def score(
+    question: str = typer.Option(..., "--question", help="The question (one user turn)."),
+    answer: str = typer.Option(..., "--answer", help="The reference answer to score."),
+    model: str | None = typer.Option(None, "--model", help="Base model (default: the --adapter run's model)."),
+    adapter: str | None = typer.Option(None, "--adapter", help="RUN_DIR, RUN_DIR/checkpoints/step_N or adapter dir."),
+    trace: list[str] = typer.Option([], "--trace", help="A reasoning trace to score (repeatable); else sample."),
+    samples: int = typer.Option(4, "--samples", help="Traces to sample when no --trace is given."),
+    max_think: int | None = typer.Option(None, "--max-think", help="Think-token limit of sampled traces."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    marker: str | None = typer.Option(None, "--marker", help="Answer marker (default: the run's, else auto)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Per answer token: c_i, b_i and the weighted-sum weights; every aggregator's trace reward."""
+    from nrt_mlx.evaluate import config_from_run
+    from nrt_mlx.recipe import RolloutConfig
+    from nrt_mlx.score import score_answer
+
+    if samples < 1:
+        fail("--samples must be at least 1")
+    with _OneLineErrors():
+        source, loaded = _eval_inputs(model, adapter)
+        cfg = config_from_run(source.recipe if source else None, max_think_tokens=max_think, marker=marker)
+        rollout = RolloutConfig(
+            samples=samples, max_think_tokens=cfg.max_think_tokens, temperature=cfg.temperature,
+            top_p=cfg.top_p, marker=cfg.marker, think_prefix=cfg.think_prefix,
+        )
+        report = score_answer(loaded.model, loaded.tokenizer, question, answer, trace or None, rollout, seed)
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        _print(report.tables())
+
+
+@app.command()
+def plot(
+    run_dirs: list[str] = typer.Argument(..., help="One or more run directories (overlaid)."),
+    out: str | None = typer.Option(None, "--out", help="PNG to write (default: RUN_DIR/plot.png, or nrt_plot.png)."),
+) -> None:
+    """One PNG of reward, answer NLL, trace length, entropy and eval metrics over steps."""
+    from nrt_mlx.plot import plot_runs
+
+    with _OneLineErrors():
+        path = plot_runs(run_dirs, out)
+    typer.echo(f"plot written to {path}")
+
+
+@app.command()
+def compare(
+    run_dirs: list[str] = typer.Argument(..., help="Run directories to compare."),
+    last: int = typer.Option(5, "--last", help="Average the training metrics over the last N steps."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """One table of several runs' final training metrics and latest eval results."""
+    from nrt_mlx.compare import compare_runs, compare_table, rows_to_json
+
+    if last < 1:
+        fail("--last must be at least 1")
+    with _OneLineErrors():
+        rows = compare_runs(run_dirs, last)
+    if as_json:
+        typer.echo(rows_to_json(rows))
+    else:
+        _print([compare_table(rows, last)])
 
 
 _ = Optional  # re-exported for command signatures

@@ -136,7 +136,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         have = want
     if backend() == "cpu":
         # bf16/fp16 matmuls on the CPU backend are emulated; fp32 is both faster and exact.
-        model.set_dtype(mx.float32, predicate=lambda k: True)
+        model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     return LoadedModel(model, tokenizer, cfg.path, local, config, have)
 

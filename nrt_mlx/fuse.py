@@ -1,0 +1,413 @@
+"""Merge a run's LoRA/DoRA adapters into the base weights: a standalone mlx-lm model directory.
+
+The output loads with ``mlx_lm.load`` and ``python -m mlx_lm generate --model OUT`` without
+nrt-mlx: ``model.safetensors`` (+ index), ``config.json`` (with ``quantization`` when the base
+stays quantized), the base model's tokenizer files and chat template, copied byte for byte, and a
+model card (``README.md``). The base is loaded exactly as the run loaded it, so the fused logits
+equal base plus adapters (up to re-quantization of the merged weights for a quantized base).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from nrt_mlx.errors import NrtError
+from nrt_mlx.io import atomic_dir
+from nrt_mlx.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoadedModel, load_model
+from nrt_mlx.recipe import Recipe, load_recipe
+from nrt_mlx.rundir import RunDir
+
+GGUF_FILE = "model.gguf"
+GGUF_MODEL_TYPES = ("llama", "mistral", "mixtral")
+
+# Files of the base model directory that belong to the tokenizer, chat template and generation
+# defaults; weights, config.json and the base README are written anew.
+TOKENIZER_PATTERNS = (
+    "tokenizer*.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.tiktoken",
+    "tiktoken.model",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "*.py",
+)
+
+_ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
+
+
+def fuse_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    checkpoint: int | None = None,
+    dequantize: bool = False,
+    export_gguf: bool = False,
+    *,
+    repo_id: str | None = None,
+) -> Path:
+    """Fuse the adapters of ``run_dir`` (latest, or ``checkpoint``) into ``out_dir``; returns it.
+
+    ``dequantize`` writes a dense model even when the run trained on a quantized base;
+    ``export_gguf`` also writes ``model.gguf`` (Llama/Mistral, dense only); ``repo_id`` is the Hub
+    repository the model card's usage snippet names (default: the output directory's name).
+    The output directory is written atomically: it appears complete or not at all.
+    """
+    run = RunDir(Path(run_dir))
+    recipe = read_run_recipe(run)
+    adapter_dir, step = select_adapters(run, checkpoint)
+    adapter_cfg = read_adapter_config(adapter_dir)
+    out = Path(out_dir)
+    check_out_dir(out, [run.root, Path(recipe.model.path).expanduser()])
+
+    loaded = load_base(recipe, adapter_cfg)
+    check_out_dir(out, [loaded.local_path])
+    if export_gguf:
+        check_gguf_exportable(loaded, dequantize)
+    apply_adapters(loaded.model, adapter_dir)
+    fuse_adapters(loaded.model, dequantize)
+    config = fused_config(loaded, dequantize)
+    restore_checkpoint_dtype(loaded.model, loaded.local_path)
+
+    tmp, commit = atomic_dir(out)
+    try:
+        write_model_dir(tmp, loaded, config)
+        gguf_file = write_gguf(tmp, loaded.model, config) if export_gguf else None
+        _write_card(
+            tmp, run, recipe, adapter_cfg, step, loaded, config, repo_id or out.name, gguf_file
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit()
+
+
+# ---- reading the run ----------------------------------------------------------------------------
+
+
+def read_run_recipe(run: RunDir) -> Recipe:
+    """The resolved recipe the run saved; a missing file means this is not a run directory."""
+    if not run.root.is_dir():
+        raise NrtError(f"{run.root}: no such run directory")
+    if not run.recipe.exists():
+        raise NrtError(f"{run.root}: not an nrt-mlx run directory (no recipe.yaml)")
+    return load_recipe(run.recipe)
+
+
+def select_adapters(run: RunDir, checkpoint: int | None) -> tuple[Path, int | None]:
+    """The adapter directory to fuse and the training step it holds (None when unknown)."""
+    if checkpoint is None:
+        directory = run.adapters
+        if not (directory / ADAPTER_WEIGHTS).exists():
+            raise NrtError(
+                f"{directory}: no {ADAPTER_WEIGHTS}; has the run saved a checkpoint yet? "
+                "(pick one with --checkpoint STEP)"
+            )
+        # RUN_DIR/adapters is rewritten with every checkpoint, so it holds the latest one.
+        return directory, run.latest_checkpoint()
+    directory = run.checkpoint_dir(checkpoint)
+    if not (directory / ADAPTER_WEIGHTS).exists():
+        steps = run.list_checkpoints()
+        have = ", ".join(str(s) for s in steps) if steps else "none"
+        raise NrtError(
+            f"--checkpoint {checkpoint}: {directory} has no adapters (checkpoints in this run: {have})"
+        )
+    return directory, checkpoint
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """``adapter_config.json``, checked for the keys mlx-lm needs to rebuild the adapters."""
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.exists():
+        raise NrtError(f"{path}: not found; the adapter directory is incomplete")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise NrtError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    for key in ("num_layers", "lora_parameters"):
+        if key not in cfg:
+            raise NrtError(f"{path}: key '{key}' is missing; is this an mlx-lm adapter config?")
+    kind = cfg.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora"):
+        raise NrtError(f"{path}: fine_tune_type '{kind}' cannot be fused (lora or dora expected)")
+    return cfg
+
+
+def check_out_dir(out: Path, protected: list[Path]) -> None:
+    """Refuse outputs that would replace the run, the base model or an unrelated directory."""
+    target = out.expanduser().resolve()
+    for path in protected:
+        if not path.exists():
+            continue
+        keep = path.resolve()
+        if target == keep or target in keep.parents:
+            raise NrtError(
+                f"{out}: writing there would replace {path}; choose another output directory"
+            )
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NrtError(f"{out}: exists and is not a directory; choose another output directory")
+    from nrt_mlx.card import is_nrt_model_card
+
+    if any(out.iterdir()) and not is_nrt_model_card(out / "README.md"):
+        raise NrtError(
+            f"{out}: exists and is not a model fused by nrt-mlx; choose a new directory or empty it"
+        )
+
+
+# ---- the base model and the fuse -------------------------------------------------------------
+
+
+def load_base(recipe: Recipe, adapter_cfg: dict[str, Any]) -> LoadedModel:
+    """Load the base as the run did: same checkpoint, same quantization (or none)."""
+    cfg = copy.deepcopy(recipe.model)
+    if not cfg.path:
+        cfg.path = str(adapter_cfg.get("base_model") or "")
+    bits = _run_bits(recipe, adapter_cfg)
+    cfg.quantize = bits if bits is not None else "none"
+    loaded = load_model(cfg)
+    if bits is None and loaded.bits is not None:
+        # The run dequantized a quantized checkpoint (``quantize: auto`` on the CPU backend).
+        from mlx_lm.utils import dequantize_model
+
+        loaded.model = dequantize_model(loaded.model)
+        loaded.config.pop("quantization", None)
+        loaded.config.pop("quantization_config", None)
+        loaded.bits = None
+    if loaded.bits != bits:
+        raise NrtError(
+            f"{cfg.path}: the base loads with {_bits_text(loaded.bits)} weights but the run trained "
+            f"on {_bits_text(bits)}; point model.path in the run's recipe.yaml at the base it used"
+        )
+    return loaded
+
+
+def _run_bits(recipe: Recipe, adapter_cfg: dict[str, Any]) -> int | None:
+    """Quantization the run trained with: the adapter config records it, the recipe as fallback."""
+    if "base_quantization_bits" in adapter_cfg:
+        bits = adapter_cfg["base_quantization_bits"]
+        return int(bits) if bits is not None else None
+    q = recipe.model.quantize
+    if q == "auto":
+        raise NrtError(
+            "recipe.yaml: model.quantize is 'auto' and the adapter config does not say which "
+            "quantization the run used; set model.quantize to none or the bit width it trained with"
+        )
+    return None if q == "none" else int(q)
+
+
+def _bits_text(bits: int | None) -> str:
+    return "dense" if bits is None else f"{bits}-bit"
+
+
+def apply_adapters(model: nn.Module, adapter_dir: Path) -> None:
+    """Rebuild the adapter layers from ``adapter_config.json`` and load every adapter weight."""
+    from mlx_lm.utils import load_adapters
+
+    weights_file = adapter_dir / ADAPTER_WEIGHTS
+    try:
+        load_adapters(model, str(adapter_dir))
+    except (ValueError, KeyError, TypeError) as err:
+        raise NrtError(
+            f"{weights_file}: the adapters do not fit the base model ({_first_line(err)})"
+        ) from None
+    # mlx-lm loads non-strictly; an adapter left at its initial value would fuse silently.
+    saved = set(mx.load(str(weights_file)))
+    expected = [
+        k for k, _ in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in _ADAPTER_LEAVES
+    ]
+    missing = [k for k in expected if k not in saved]
+    if missing:
+        raise NrtError(
+            f"{weights_file}: {len(missing)} adapter weights are missing (e.g. {missing[0]}); "
+            "the file is incomplete or belongs to another run"
+        )
+    model.eval()
+
+
+def fuse_adapters(model: nn.Module, dequantize: bool) -> int:
+    """Replace every adapter layer by its merged layer; returns how many were fused.
+
+    A quantized base layer is dequantized, merged and quantized again with its own group size
+    and bits, unless ``dequantize``; then the remaining quantized layers are dequantized too.
+    """
+    fused = [
+        (name, m.fuse(dequantize=dequantize))
+        for name, m in model.named_modules()
+        if hasattr(m, "fuse")
+    ]
+    if not fused:
+        raise NrtError(
+            "the adapter config added no adapter layer to the base model; nothing to fuse"
+        )
+    model.update_modules(tree_unflatten(fused))
+    if dequantize:
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(model)
+    mx.eval(model.parameters())
+    return len(fused)
+
+
+def quantization_of(model: nn.Module) -> dict[str, Any] | None:
+    """``{"group_size", "bits", "mode"}`` of the model's quantized layers, or None if dense."""
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            return {"group_size": module.group_size, "bits": module.bits, "mode": module.mode}
+    return None
+
+
+def fused_config(loaded: LoadedModel, dequantize: bool) -> dict[str, Any]:
+    """The model config for the output: the base's, with the quantization the weights now have."""
+    config = copy.deepcopy(loaded.config)
+    quant = quantization_of(loaded.model)
+    if dequantize or quant is None:
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    elif "quantization" not in config:
+        # The run quantized a dense checkpoint on load; mlx-lm needs this to rebuild the layers.
+        config["quantization"] = quant
+    return config
+
+
+def restore_checkpoint_dtype(model: nn.Module, base_dir: Path) -> None:
+    """Cast float weights back to the base checkpoint's half precision, if it had one.
+
+    On the CPU backend the base is upcast to fp32 for speed; writing the fused model in fp32 would
+    double its size without adding information the base did not have.
+    """
+    dtype = _checkpoint_half_dtype(base_dir)
+    if dtype is not None:
+        model.set_dtype(dtype)
+        mx.eval(model.parameters())
+
+
+def _checkpoint_half_dtype(base_dir: Path) -> mx.Dtype | None:
+    """bfloat16/float16 if the base's safetensors store floats that way, else None."""
+    found: set[str] = set()
+    for path in sorted(base_dir.glob("model*.safetensors")):
+        found |= _safetensors_dtypes(path)
+    if "BF16" in found:
+        return mx.bfloat16
+    if "F16" in found:
+        return mx.float16
+    return None
+
+
+def _safetensors_dtypes(path: Path) -> set[str]:
+    """Tensor dtypes named in a safetensors header (8-byte length, then JSON), without loading."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError):
+        return set()
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+
+
+# ---- writing the output --------------------------------------------------------------------------
+
+
+def write_model_dir(directory: Path, loaded: LoadedModel, config: dict[str, Any]) -> None:
+    """Weights, config and tokenizer files: what ``mlx_lm.load`` needs."""
+    from mlx_lm.utils import save_config, save_model
+
+    save_model(directory, loaded.model, donate_model=False)
+    save_config(copy.deepcopy(config), config_path=directory / "config.json")
+    copied = copy_tokenizer_files(loaded.local_path, directory)
+    if not any(name.startswith("tokenizer") for name in copied):
+        raise NrtError(f"{loaded.local_path}: no tokenizer files to copy into the fused model")
+
+
+def copy_tokenizer_files(base_dir: Path, directory: Path) -> list[str]:
+    """Copy the tokenizer, chat template and generation defaults unchanged; returns the names."""
+    names = sorted(
+        {p.name for pattern in TOKENIZER_PATTERNS for p in base_dir.glob(pattern) if p.is_file()}
+    )
+    for name in names:
+        shutil.copyfile(base_dir / name, directory / name)
+    return names
+
+
+def check_gguf_exportable(loaded: LoadedModel, dequantize: bool) -> None:
+    """mlx-lm's GGUF exporter writes dense Llama/Mistral weights only: fail before fusing."""
+    model_type = loaded.config.get("model_type")
+    if model_type not in GGUF_MODEL_TYPES:
+        raise NrtError(
+            f"--export-gguf: model_type '{model_type}' is not supported "
+            f"(mlx-lm exports {', '.join(GGUF_MODEL_TYPES)}); drop --export-gguf"
+        )
+    if loaded.bits is not None and not dequantize:
+        raise NrtError(
+            f"--export-gguf: the base is {loaded.bits}-bit and GGUF export needs dense weights; "
+            "add --dequantize"
+        )
+
+
+def write_gguf(directory: Path, model: nn.Module, config: dict[str, Any]) -> str:
+    """Export the fused weights with mlx-lm's GGUF writer; reads the tokenizer from ``directory``."""
+    from mlx_lm.gguf import convert_to_gguf
+
+    gguf_config = copy.deepcopy(config)
+    # Llama configs may leave out the KV head count when it equals the head count.
+    gguf_config.setdefault("num_key_value_heads", gguf_config.get("num_attention_heads"))
+    weights = dict(tree_flatten(model.parameters()))
+    try:
+        # mlx-lm prints the temporary path it writes to; the CLI reports the final directory.
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert_to_gguf(directory, weights, gguf_config, str(directory / GGUF_FILE))
+    except (ValueError, KeyError, NotImplementedError) as err:
+        raise NrtError(
+            f"--export-gguf: mlx-lm could not export this model ({_first_line(err)})"
+        ) from None
+    return GGUF_FILE
+
+
+def _write_card(
+    directory: Path,
+    run: RunDir,
+    recipe: Recipe,
+    adapter_cfg: dict[str, Any],
+    step: int | None,
+    loaded: LoadedModel,
+    config: dict[str, Any],
+    repo_id: str,
+    gguf_file: str | None,
+) -> None:
+    from nrt_mlx.card import CardInputs, render_model_card
+    from nrt_mlx.io import atomic_write_text
+
+    inputs = CardInputs(
+        recipe=recipe,
+        adapter_config=adapter_cfg,
+        metrics=run.read_metrics(),
+        step=step,
+        base_dir=loaded.local_path,
+        quantization=config.get("quantization"),
+        repo_id=repo_id,
+        gguf_file=gguf_file,
+    )
+    atomic_write_text(directory / "README.md", render_model_card(inputs))
+
+
+def _first_line(err: BaseException) -> str:
+    """The gist of a library error on one line: its first two lines, whitespace squeezed."""
+    lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()]
+    text = "; ".join(lines[:2]) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
