@@ -185,3 +185,17 @@ def test_refuses_to_overwrite_a_run_and_bad_input_is_one_line(tmp_path, tiny_mod
         assert proc.returncode == 2, proc.stderr
         assert expected in proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_trained_run_fuses_into_a_standalone_model(tmp_path, tiny_model_dir):
+    """The user's day: train, fuse, then mlx-lm alone runs the result with the trained behaviour."""
+    recipe = make_recipe(tmp_path, tiny_model_dir, train={"steps": 2, "updates_per_rollout": 2,
+                                                          "micro_batch_questions": 1,
+                                                          "grad_checkpoint": True})
+    cli("train", str(recipe), "--quiet")
+    run = tmp_path / "run"
+    assert all(np.isfinite(r["loss"]) for r in metrics(run))
+    cli("fuse", str(run), str(tmp_path / "fused"))
+    fused = logits(tmp_path / "fused", None)
+    np.testing.assert_allclose(fused, logits(tiny_model_dir, run / "adapters"), atol=1e-4)
+    assert not np.allclose(fused, logits(tiny_model_dir, None), atol=1e-5)
