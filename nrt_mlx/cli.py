@@ -87,6 +87,23 @@ def doctor() -> None:
 # ---- convert (issue 4) -----------------------------------------------------------------------
 
 
+@app.command()
+def convert(
+    gguf: str = typer.Argument(..., help="Llama-architecture GGUF file (F32/F16/Q4_0/Q4_1/Q8_0)."),
+    out_dir: str = typer.Argument(..., help="mlx-lm model directory to write (replaced if it exists)."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Write dense weights, not quantized ones."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float16, bfloat16 or float32 (default: float16 on a GPU, float32 on the CPU)."
+    ),
+) -> None:
+    """Convert a GGUF file (llama.cpp, Ollama, LM Studio) into an mlx-lm model directory."""
+    from nrt_mlx.convert import convert_gguf
+
+    with _OneLineErrors():
+        out = convert_gguf(gguf, out_dir, dequantize=dequantize, dtype=dtype)
+    typer.echo(str(out))
+
+
 # ---- fuse / upload (issue 5) -----------------------------------------------------------------
 
 
@@ -175,15 +192,8 @@ class _OneLineErrors:
         return False
 
 
-def _eval_inputs(model: str | None, adapter: str | None) -> tuple:
-    """The adapter source (None without --adapter) and the loaded model with adapters applied."""
-    from nrt_mlx.evaluate import find_adapters, load_for_eval
-
-    source = find_adapters(adapter) if adapter else None
-    return source, load_for_eval(model, source)
-
-
 def _print(renderables: list) -> None:
+    """rich tables to stdout, in colour on a terminal."""
     from rich.console import Console
 
     console = Console()
@@ -193,21 +203,39 @@ def _print(renderables: list) -> None:
 
 @app.command("eval")
 def eval_(
-    data: str = typer.Option(..., "--data", help="JSONL of question/answer records (optional 'options')."),
-    model: str | None = typer.Option(None, "--model", help="Base model (default: the --adapter run's model)."),
-    adapter: str | None = typer.Option(None, "--adapter", help="RUN_DIR, RUN_DIR/checkpoints/step_N or adapter dir."),
+    data: str = typer.Option(
+        ..., "--data", help="JSONL of question/answer records (optional 'options')."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Base model (default: the --adapter run's model)."
+    ),
+    adapter: str | None = typer.Option(
+        None, "--adapter", help="RUN_DIR, RUN_DIR/checkpoints/step_N or adapter dir."
+    ),
     samples: int = typer.Option(4, "--samples", help="Sampled traces per question (K)."),
-    max_think: int | None = typer.Option(None, "--max-think", help="Think-token limit (default: the run's, else 128)."),
-    max_questions: int = typer.Option(0, "--max-questions", help="Evaluate the first N questions (0 = all)."),
-    max_answer: int = typer.Option(64, "--max-answer", help="Token limit of the generated answers."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed gives the same report."),
-    marker: str | None = typer.Option(None, "--marker", help="Answer marker (default: the run's, else auto)."),
-    no_generate: bool = typer.Option(False, "--no-generate", help="Skip the generated answers (likelihoods only)."),
+    max_think: int | None = typer.Option(
+        None, "--max-think", help="Think-token limit (default: the run's, else 128)."
+    ),
+    max_questions: int = typer.Option(
+        0, "--max-questions", help="Evaluate the first N questions (0 = all)."
+    ),
+    max_answer: int = typer.Option(
+        64, "--max-answer", help="Token limit of the generated answers."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Sampling seed: the same seed gives the same report."
+    ),
+    marker: str | None = typer.Option(
+        None, "--marker", help="Answer marker (default: the run's, else auto)."
+    ),
+    no_generate: bool = typer.Option(
+        False, "--no-generate", help="Skip the generated answers (likelihoods only)."
+    ),
     out: str = typer.Option("eval_report.json", "--out", help="Where to write the JSON report."),
 ) -> None:
     """Answer NLL with and without reasoning, generated-answer EM/F1, accuracy on options, traces."""
     from nrt_mlx.data import load_jsonl
-    from nrt_mlx.evaluate import config_from_run, evaluate, find_adapters
+    from nrt_mlx.evaluate import config_from_run, evaluate, find_adapters, load_for_eval
     from nrt_mlx.recipe import DataConfig
 
     with _OneLineErrors():
@@ -216,13 +244,21 @@ def eval_(
         # The run's data section: same field names and system prompt as in training.
         dataset = load_jsonl(data, recipe.data if recipe else DataConfig(), "--data")
         cfg = config_from_run(
-            recipe, samples=samples, max_think_tokens=max_think, max_questions=max_questions,
-            max_answer_tokens=max_answer, seed=seed, marker=marker, generate=not no_generate,
+            recipe,
+            samples=samples,
+            max_think_tokens=max_think,
+            max_questions=max_questions,
+            max_answer_tokens=max_answer,
+            seed=seed,
+            marker=marker,
+            generate=not no_generate,
         )
-        _, loaded = _eval_inputs(model, adapter)
+        loaded = load_for_eval(model, source)
         report = evaluate(loaded.model, loaded.tokenizer, dataset.examples, cfg)
         path = report.to_json(out)
-    _print(report.tables())
+    from rich.console import Console
+
+    _print(report.tables(width=Console().width))
     typer.echo(f"report written to {path}")
 
 
@@ -230,30 +266,49 @@ def eval_(
 def score(
     question: str = typer.Option(..., "--question", help="The question (one user turn)."),
     answer: str = typer.Option(..., "--answer", help="The reference answer to score."),
-    model: str | None = typer.Option(None, "--model", help="Base model (default: the --adapter run's model)."),
-    adapter: str | None = typer.Option(None, "--adapter", help="RUN_DIR, RUN_DIR/checkpoints/step_N or adapter dir."),
-    trace: list[str] = typer.Option([], "--trace", help="A reasoning trace to score (repeatable); else sample."),
+    model: str | None = typer.Option(
+        None, "--model", help="Base model (default: the --adapter run's model)."
+    ),
+    adapter: str | None = typer.Option(
+        None, "--adapter", help="RUN_DIR, RUN_DIR/checkpoints/step_N or adapter dir."
+    ),
+    trace: list[str] = typer.Option(
+        [], "--trace", help="A reasoning trace to score (repeatable); else sample."
+    ),
     samples: int = typer.Option(4, "--samples", help="Traces to sample when no --trace is given."),
-    max_think: int | None = typer.Option(None, "--max-think", help="Think-token limit of sampled traces."),
+    max_think: int | None = typer.Option(
+        None, "--max-think", help="Think-token limit of sampled traces."
+    ),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    marker: str | None = typer.Option(None, "--marker", help="Answer marker (default: the run's, else auto)."),
+    marker: str | None = typer.Option(
+        None, "--marker", help="Answer marker (default: the run's, else auto)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Per answer token: c_i, b_i and the weighted-sum weights; every aggregator's trace reward."""
-    from nrt_mlx.evaluate import config_from_run
+    from nrt_mlx.evaluate import config_from_run, find_adapters, load_for_eval
     from nrt_mlx.recipe import RolloutConfig
     from nrt_mlx.score import score_answer
 
     if samples < 1:
         fail("--samples must be at least 1")
     with _OneLineErrors():
-        source, loaded = _eval_inputs(model, adapter)
-        cfg = config_from_run(source.recipe if source else None, max_think_tokens=max_think, marker=marker)
-        rollout = RolloutConfig(
-            samples=samples, max_think_tokens=cfg.max_think_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, marker=cfg.marker, think_prefix=cfg.think_prefix,
+        source = find_adapters(adapter) if adapter else None
+        loaded = load_for_eval(model, source)
+        cfg = config_from_run(
+            source.recipe if source else None, max_think_tokens=max_think, marker=marker
         )
-        report = score_answer(loaded.model, loaded.tokenizer, question, answer, trace or None, rollout, seed)
+        rollout = RolloutConfig(
+            samples=samples,
+            max_think_tokens=cfg.max_think_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            marker=cfg.marker,
+            think_prefix=cfg.think_prefix,
+        )
+        report = score_answer(
+            loaded.model, loaded.tokenizer, question, answer, trace or None, rollout, seed
+        )
     if as_json:
         typer.echo(report.to_json())
     else:
@@ -263,7 +318,9 @@ def score(
 @app.command()
 def plot(
     run_dirs: list[str] = typer.Argument(..., help="One or more run directories (overlaid)."),
-    out: str | None = typer.Option(None, "--out", help="PNG to write (default: RUN_DIR/plot.png, or nrt_plot.png)."),
+    out: str | None = typer.Option(
+        None, "--out", help="PNG to write (default: RUN_DIR/plot.png, or nrt_plot.png)."
+    ),
 ) -> None:
     """One PNG of reward, answer NLL, trace length, entropy and eval metrics over steps."""
     from nrt_mlx.plot import plot_runs
@@ -276,7 +333,9 @@ def plot(
 @app.command()
 def compare(
     run_dirs: list[str] = typer.Argument(..., help="Run directories to compare."),
-    last: int = typer.Option(5, "--last", help="Average the training metrics over the last N steps."),
+    last: int = typer.Option(
+        5, "--last", help="Average the training metrics over the last N steps."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """One table of several runs' final training metrics and latest eval results."""

@@ -1,0 +1,266 @@
+"""nrt-mlx eval: determinism, NLL figures against a plain forward pass, generation, options, CLI."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+from typer.testing import CliRunner
+
+from nrt_mlx.cli import app
+from nrt_mlx.data import Example
+from nrt_mlx.errors import NrtError
+from nrt_mlx.evaluate import EvalConfig, evaluate, exact_match, find_adapters, token_f1
+from nrt_mlx.model import adapter_config, add_adapters, load_model, save_adapters
+from nrt_mlx.recipe import LoraConfig, ModelConfig, Recipe, save_recipe
+from nrt_mlx.sequences import encode_answer, encode_prompt, resolve_marker
+
+EXAMPLES = [
+    Example([{"role": "user", "content": "What is the capital of France?"}], "Paris", 1),
+    Example(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "two plus two"}],
+        "four",
+        2,
+        ["three", "Four.", "five"],
+    ),
+    Example([{"role": "user", "content": "why is the sky blue"}], "because of light", 3),
+]
+
+CFG = EvalConfig(samples=3, max_think_tokens=10, max_answer_tokens=5)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    return mlx_lm.load(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def report(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    return evaluate(model, tok, EXAMPLES, CFG)
+
+
+def plain_logprobs(model, ids: list[int]) -> np.ndarray:
+    """log p(ids[j] | ids[:j]) for j >= 1, from one unbatched forward pass."""
+    logits = model(mx.array(ids)[None])[0].astype(mx.float32)
+    lp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    return np.array([lp[j - 1, ids[j]] for j in range(1, len(ids))])
+
+
+def answer_nll(model, context: list[int], answer: list[int]) -> float:
+    return float(-plain_logprobs(model, context + answer)[-len(answer) :].mean())
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(model_and_tokenizer, report):
+    model, tok = model_and_tokenizer
+    again = evaluate(model, tok, EXAMPLES, CFG)
+    assert again.summary == report.summary
+    assert again.questions == report.questions
+    other = evaluate(model, tok, EXAMPLES, EvalConfig(**{**CFG.__dict__, "seed": 1}))
+    assert other.trace_ids != report.trace_ids
+    assert other.summary["trace_nll_mean"] != report.summary["trace_nll_mean"]
+    # No trace involved: the null-think NLL does not depend on the seed.
+    assert other.summary["null_nll"] == pytest.approx(report.summary["null_nll"], abs=1e-6)
+
+
+def test_nll_figures_agree_with_a_plain_forward_pass(model_and_tokenizer, report):
+    model, tok = model_and_tokenizer
+    marker = resolve_marker(tok, "auto")
+    for ex, record, traces in zip(EXAMPLES, report.questions, report.trace_ids):
+        prompt, answer = encode_prompt(tok, ex.messages), encode_answer(tok, ex.answer)
+        null = answer_nll(model, prompt + marker.ids, answer)
+        assert record["null_nll"] == pytest.approx(null, abs=1e-4)
+        expected = [answer_nll(model, prompt + z + marker.ids, answer) for z in traces]
+        np.testing.assert_allclose(record["trace_nll"], expected, atol=1e-4)
+        assert record["trace_nll_mean"] == pytest.approx(np.mean(expected), abs=1e-4)
+        assert record["trace_nll_best"] == pytest.approx(min(expected), abs=1e-4)
+        assert record["gain"] == pytest.approx(null - np.mean(expected), abs=1e-4)
+        assert record["trace_tokens"] == pytest.approx(np.mean([len(z) for z in traces]))
+    assert report.summary["null_nll"] == pytest.approx(
+        np.mean([q["null_nll"] for q in report.questions])
+    )
+    assert report.summary["questions"] == 3 and report.summary["samples"] == 3
+    assert report.summary["trace_entropy"] > 0 and 0 < report.summary["distinct_2"] <= 1
+
+
+def test_generated_answers_are_greedy_after_trace_and_marker(model_and_tokenizer, report):
+    model, tok = model_and_tokenizer
+    marker = resolve_marker(tok, "auto")
+    eos = set(tok.eos_token_ids)
+    ex, record, traces = EXAMPLES[0], report.questions[0], report.trace_ids[0]
+    for z, generation in zip(traces, record["generations"]):
+        ids = encode_prompt(tok, ex.messages) + z + marker.ids
+        out: list[int] = []
+        for _ in range(CFG.max_answer_tokens):
+            nxt = int(mx.argmax(model(mx.array(ids + out)[None])[0, -1]).item())
+            if nxt in eos:
+                break
+            out.append(nxt)
+        assert generation["answer"] == tok.decode(out)
+        assert generation["f1"] == token_f1(generation["answer"], ex.answer)
+    assert record["f1"] == pytest.approx(np.mean([g["f1"] for g in record["generations"]]))
+
+
+def test_options_are_scored_by_likelihood(model_and_tokenizer, report):
+    model, tok = model_and_tokenizer
+    marker = resolve_marker(tok, "auto")
+    ex, record = EXAMPLES[1], report.questions[1]
+    assert record["correct_option"] == 1  # "Four." normalises to "four"
+    prompt = encode_prompt(tok, ex.messages)
+    null_lp = [
+        plain_logprobs(model, prompt + marker.ids + encode_answer(tok, o))[
+            -len(encode_answer(tok, o)) :
+        ].sum()
+        for o in ex.options
+    ]
+    assert record["pick_null"] == int(np.argmax(null_lp))
+    assert record["mc_acc_null"] == float(record["pick_null"] == 1)
+    assert report.summary["mc_questions"] == 1
+    assert report.summary["mc_acc_likelihood"] == record["mc_acc_likelihood"]
+    assert "mc_acc_null" not in report.questions[0]  # no options there
+
+
+def test_answer_matching_is_normalised():
+    assert exact_match("The Paris!", "paris") == 1.0
+    assert exact_match("Paris, France", "Paris") == 0.0
+    assert token_f1("the capital is Paris", "Paris") == pytest.approx(2 * (1 / 3) / (1 / 3 + 1))
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
+
+
+def test_no_generation_and_bad_settings(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    quick = evaluate(
+        model,
+        tok,
+        EXAMPLES,
+        EvalConfig(samples=1, max_think_tokens=4, generate=False, max_questions=2),
+    )
+    assert quick.summary["questions"] == 2 and "f1" not in quick.summary
+    assert quick.metrics()["eval_null_nll"] == quick.summary["null_nll"]
+    for bad in (EvalConfig(samples=0), EvalConfig(temperature=0), EvalConfig(top_p=1.5)):
+        with pytest.raises(NrtError, match="eval:"):
+            evaluate(model, tok, EXAMPLES, bad)
+    with pytest.raises(NrtError, match="no questions"):
+        evaluate(model, tok, [], EvalConfig())
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters and the CLI
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir):
+    """A run directory as the trainer writes it: recipe.yaml (text marker) and non-trivial adapters."""
+    root = tmp_path_factory.mktemp("run")
+    loaded = load_model(ModelConfig(path=str(tiny_model_dir)))
+    lora = LoraConfig(layers=2, rank=4)
+    add_adapters(loaded.model, lora, seed=0)
+    # LoRA's B starts at zero, so fresh adapters change nothing: give every adapter weight values.
+    mx.random.seed(0)
+    params = tree_flatten(loaded.model.trainable_parameters())
+    loaded.model.update(tree_unflatten([(k, 0.5 * mx.random.normal(v.shape)) for k, v in params]))
+    save_adapters(loaded.model, adapter_config(loaded, lora), root / "adapters")
+    recipe = Recipe()
+    recipe.model.path = str(tiny_model_dir)
+    recipe.rollout.marker = "\nAnswer:\n"
+    save_recipe(recipe, root / "recipe.yaml")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "eval.jsonl"
+    lines = [
+        {"question": "What is the capital of France?", "answer": "Paris"},
+        {"question": "two plus two", "answer": "four", "options": ["three", "four"]},
+    ]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_find_adapters_resolves_runs_checkpoints_and_adapter_dirs(run_dir, tmp_path):
+    assert find_adapters(run_dir).adapter_dir == run_dir / "adapters"
+    assert find_adapters(run_dir).recipe.rollout.marker == "\nAnswer:\n"
+    step = run_dir / "checkpoints" / "step_000002"
+    shutil.copytree(run_dir / "adapters", step)
+    assert find_adapters(step).adapter_dir == step and find_adapters(step).recipe is not None
+    bare = shutil.copytree(run_dir / "adapters", tmp_path / "bare")
+    assert find_adapters(bare).recipe is None
+    with pytest.raises(NrtError, match="no such run"):
+        find_adapters(tmp_path / "missing")
+    with pytest.raises(NrtError, match="no adapters.safetensors"):
+        find_adapters(tmp_path)
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+    return lines[0]
+
+
+def test_eval_cli_with_a_run_and_without(run_dir, data_file, tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    args = [
+        "eval",
+        "--data",
+        str(data_file),
+        "--samples",
+        "2",
+        "--max-think",
+        "6",
+        "--max-answer",
+        "3",
+    ]
+    with_run = runner.invoke(
+        app, args + ["--adapter", str(run_dir), "--out", str(tmp_path / "a.json")]
+    )
+    assert with_run.exit_code == 0, with_run.output
+    assert "null_nll" in with_run.stdout and "report written to" in with_run.stdout
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["config"]["marker_text"] == "\nAnswer:\n"  # the run's marker, from its recipe
+    assert len(a["questions"]) == 2 and "mc_acc_likelihood" in a["summary"]
+    base = runner.invoke(
+        app,
+        args
+        + [
+            "--model",
+            str(tiny_model_dir),
+            "--marker",
+            "\nAnswer:\n",
+            "--out",
+            str(tmp_path / "b.json"),
+        ],
+    )
+    assert base.exit_code == 0, base.output
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert a["summary"]["null_nll"] != pytest.approx(
+        b["summary"]["null_nll"], abs=1e-4
+    )  # adapters applied
+
+
+def test_eval_cli_bad_input_is_one_line(run_dir, data_file, tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(
+        app, ["eval", "--adapter", str(run_dir), "--data", str(tmp_path / "nope.jsonl")]
+    )
+    assert "file not found" in one_line_error(missing)
+    unknown = runner.invoke(
+        app, ["eval", "--adapter", str(tmp_path / "norun"), "--data", str(data_file)]
+    )
+    assert "no such run" in one_line_error(unknown)
+    no_model = runner.invoke(app, ["eval", "--data", str(data_file)])
+    assert "missing --model" in one_line_error(no_model)
+
+
+def test_forward_chunking_does_not_change_the_numbers(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    cfg = EvalConfig(samples=2, max_think_tokens=6, generate=False)
+    one_batch = evaluate(model, tok, EXAMPLES, cfg)
+    row_by_row = evaluate(model, tok, EXAMPLES, EvalConfig(**{**cfg.__dict__, "batch_tokens": 1}))
+    for key, value in one_batch.summary.items():
+        assert row_by_row.summary[key] == pytest.approx(value, abs=1e-5), key
