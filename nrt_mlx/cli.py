@@ -7,7 +7,6 @@ message with exit status 2 (see ``run_cli``).
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 
@@ -43,9 +42,9 @@ def main() -> None:
 
 @app.command()
 def train(
-    recipe: Optional[str] = typer.Argument(None, help="YAML recipe (see recipes/reference.yaml)."),
+    recipe: str | None = typer.Argument(None, help="YAML recipe (see recipes/reference.yaml)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=10 (repeatable)."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue RUN_DIR from its latest checkpoint."),
+    resume: str | None = typer.Option(None, "--resume", help="Continue RUN_DIR from its latest checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
 ) -> None:
     """Train LoRA adapters with NRT (or the SFT baseline) as RECIPE says."""
@@ -65,7 +64,7 @@ def train(
 
 @app.command()
 def quickstart(
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe (default: recipes/quickstart.yaml)."),
+    recipe: str | None = typer.Option(None, "--recipe", help="Recipe (default: recipes/quickstart.yaml)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=4 (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
 ) -> None:
@@ -89,11 +88,19 @@ def doctor() -> None:
 
 @app.command()
 def convert(
-    gguf: str = typer.Argument(..., help="Llama-architecture GGUF file (F32/F16/Q4_0/Q4_1/Q8_0)."),
-    out_dir: str = typer.Argument(..., help="mlx-lm model directory to write (replaced if it exists)."),
-    dequantize: bool = typer.Option(False, "--dequantize", help="Write dense weights, not quantized ones."),
+    gguf: str = typer.Argument(
+        ..., metavar="MODEL.gguf", help="Llama-architecture GGUF file (F32/F16/Q4_0/Q4_1/Q8_0)."
+    ),
+    out_dir: str = typer.Argument(
+        ..., metavar="OUT_DIR", help="mlx-lm model directory to write (replaced if it exists)."
+    ),
+    dequantize: bool = typer.Option(
+        False, "--dequantize", help="Write dense weights, not quantized ones."
+    ),
     dtype: str | None = typer.Option(
-        None, "--dtype", help="float16, bfloat16 or float32 (default: float16 on a GPU, float32 on the CPU)."
+        None,
+        "--dtype",
+        help="float16, bfloat16 or float32 (default: float16 on a GPU, float32 on the CPU).",
     ),
 ) -> None:
     """Convert a GGUF file (llama.cpp, Ollama, LM Studio) into an mlx-lm model directory."""
@@ -244,7 +251,7 @@ def eval_(
         # The run's data section: same field names and system prompt as in training.
         dataset = load_jsonl(data, recipe.data if recipe else DataConfig(), "--data")
         cfg = config_from_run(
-            recipe,
+            source,
             samples=samples,
             max_think_tokens=max_think,
             max_questions=max_questions,
@@ -295,9 +302,7 @@ def score(
     with _OneLineErrors():
         source = find_adapters(adapter) if adapter else None
         loaded = load_for_eval(model, source)
-        cfg = config_from_run(
-            source.recipe if source else None, max_think_tokens=max_think, marker=marker
-        )
+        cfg = config_from_run(source, max_think_tokens=max_think, marker=marker)
         rollout = RolloutConfig(
             samples=samples,
             max_think_tokens=cfg.max_think_tokens,
@@ -351,6 +356,5 @@ def compare(
         _print([compare_table(rows, last)])
 
 
-_ = Optional  # re-exported for command signatures
 if __name__ == "__main__":
     main()

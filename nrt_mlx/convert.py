@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -98,6 +99,7 @@ def convert_gguf(
     config["torch_dtype"] = dtype
     tmp, commit = atomic_dir(out_dir)
     try:
+        _chmod_like_mkdir(tmp)
         save_weights(tmp, weights)
         _write_json(tmp / "config.json", config)
         tokenizer.save(str(tmp / "tokenizer.json"))
@@ -127,6 +129,13 @@ def _check_dtype(dtype: str | None) -> str:
     if dtype not in DTYPES:
         raise NrtError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return dtype
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """Give the temporary directory (mkdtemp makes it 0700) the mode a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -174,13 +183,11 @@ def model_config(gguf: GGUFFile, arrays: dict[str, Any]) -> dict[str, Any]:
         "bos_token_id": gguf.metadata.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": _eos_ids(gguf),
     }
-    if len(tokens) != config["vocab_size"]:
-        # Padding rows beyond the vocabulary are harmless; fewer rows than tokens are not.
-        if len(tokens) > config["vocab_size"]:
-            raise NrtError(
-                f"{gguf.path}: {len(tokens)} tokens but the embedding has "
-                f"{config['vocab_size']} rows"
-            )
+    # Padding rows beyond the vocabulary are harmless; fewer rows than tokens are not.
+    if len(tokens) > config["vocab_size"]:
+        raise NrtError(
+            f"{gguf.path}: {len(tokens)} tokens but the embedding has {config['vocab_size']} rows"
+        )
     scaling = rope_scaling(gguf, config, arrays)
     if scaling is not None:
         config["rope_scaling"] = scaling
@@ -406,7 +413,7 @@ def build_tokenizer(gguf: GGUFFile) -> tuple[Any, dict[str, Any]]:
         tokenizer = _byte_level_bpe(gguf, tokens)
         add_bos_default = False
     elif kind == "llama":
-        tokenizer = _sentencepiece_bpe(gguf, tokens, types)
+        tokenizer = _sentencepiece_bpe(gguf, tokens)
         add_bos_default = True
     else:
         raise NrtError(
@@ -497,7 +504,7 @@ def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[s
     return merges
 
 
-def _sentencepiece_bpe(gguf: GGUFFile, tokens: list[str], types: list[int]) -> Any:
+def _sentencepiece_bpe(gguf: GGUFFile, tokens: list[str]) -> Any:
     from tokenizers import Tokenizer, decoders, models, normalizers
 
     scores = gguf.metadata.get("tokenizer.ggml.scores")

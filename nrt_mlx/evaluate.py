@@ -35,7 +35,7 @@ import numpy as np
 from nrt_mlx.collapse import distinct_n
 from nrt_mlx.data import Example
 from nrt_mlx.errors import NrtError
-from nrt_mlx.loss import _forward, answer_logprobs
+from nrt_mlx.loss import answer_logprobs, forward_logprobs
 from nrt_mlx.recipe import Recipe, RolloutConfig
 from nrt_mlx.rollout import Trace, sample_traces
 from nrt_mlx.sequences import (
@@ -232,6 +232,7 @@ def eos_ids(tokenizer: Any) -> set[int]:
 
 
 def pad_id(tokenizer: Any) -> int:
+    """The padding id: the tokenizer's pad token, else EOS (padding is never attended to)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -264,7 +265,7 @@ def score_rows(
     scores: list[RowScore] = []
     for chunk in _chunks(rows, batch_tokens):
         batch = collate(chunk, pad)
-        lp, ent = _forward(model, batch, with_entropy=True)
+        lp, ent = forward_logprobs(model, batch, with_entropy=True)
         ans = answer_logprobs(lp, batch)
         think = (batch.segments == THINK).astype(mx.float32)
         ent_sum = (ent * think).sum(axis=-1)
@@ -532,10 +533,25 @@ def evaluate(
 
 @dataclass
 class AdapterSource:
-    """Where adapters live and the recipe of the run they come from (None when there is none)."""
+    """Where adapters live, the recipe of their run (None without one) and their adapter_config."""
 
     adapter_dir: Path
     recipe: Recipe | None
+    adapter_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def marker(self) -> str | None:
+        """The marker the adapters were trained with: the recipe's, else adapter_config's."""
+        if self.recipe is not None:
+            return self.recipe.rollout.marker
+        return (self.adapter_config.get("nrt_mlx") or {}).get("marker")
+
+    @property
+    def base_model(self) -> str:
+        """The base model: the recipe's model.path, else adapter_config's base_model."""
+        if self.recipe is not None:
+            return self.recipe.model.path
+        return str(self.adapter_config.get("base_model") or self.adapter_config.get("model") or "")
 
 
 def find_adapters(path: str | Path) -> AdapterSource:
@@ -554,24 +570,26 @@ def find_adapters(path: str | Path) -> AdapterSource:
             f"--adapter {path}: no adapters.safetensors + adapter_config.json in {adapter_dir}; "
             f"give a run directory, RUN_DIR/checkpoints/step_NNNNNN or an adapter directory"
         )
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise NrtError(f"{adapter_dir / 'adapter_config.json'}: not valid JSON ({err})") from None
     # A run's recipe sits beside adapters/ or two levels above a checkpoint.
     for candidate in (root, adapter_dir.parent, adapter_dir.parent.parent):
         if (candidate / "recipe.yaml").exists():
-            return AdapterSource(adapter_dir, load_recipe(candidate / "recipe.yaml"))
-    return AdapterSource(adapter_dir, None)
+            return AdapterSource(adapter_dir, load_recipe(candidate / "recipe.yaml"), config)
+    return AdapterSource(adapter_dir, None, config)
 
 
 def load_for_eval(model_path: str | None, source: AdapterSource | None = None) -> Any:
     """Load the base model (``model_path``, else the run's model.path) with the adapters applied.
 
-    Returns the ``LoadedModel``; the run's recipe (``source.recipe``) gives the marker and think
-    prefix the adapters were trained with.
+    Returns the ``LoadedModel``. The adapters are applied by mlx-lm's own ``load_adapters``.
     """
     from nrt_mlx.model import load_model
     from nrt_mlx.recipe import ModelConfig
 
-    recipe = source.recipe if source else None
-    path = model_path or (recipe.model.path if recipe else "")
+    path = model_path or (source.base_model if source else "")
     if not path:
         raise NrtError(
             "missing --model: the base model directory (or an --adapter run whose recipe names it)"
@@ -592,14 +610,15 @@ def load_for_eval(model_path: str | None, source: AdapterSource | None = None) -
     return loaded
 
 
-def config_from_run(recipe: Recipe | None, **overrides: Any) -> EvalConfig:
+def config_from_run(source: AdapterSource | None, **overrides: Any) -> EvalConfig:
     """EvalConfig with the run's rollout settings (marker, think prefix, sampler), then ``overrides``.
 
+    Without a recipe the marker comes from adapter_config.json (nrt-mlx writes it there).
     Overrides that are None keep the run's (or the default) value.
     """
     cfg = EvalConfig()
-    if recipe is not None:
-        r = recipe.rollout
+    if source is not None and source.recipe is not None:
+        r = source.recipe.rollout
         cfg = EvalConfig(
             max_think_tokens=r.max_think_tokens,
             temperature=r.temperature,
@@ -607,4 +626,6 @@ def config_from_run(recipe: Recipe | None, **overrides: Any) -> EvalConfig:
             marker=r.marker,
             think_prefix=r.think_prefix,
         )
+    elif source is not None and source.marker:
+        cfg = EvalConfig(marker=source.marker)
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

@@ -42,7 +42,7 @@ def entropy(logits: mx.array) -> mx.array:
     return lse.squeeze(-1) - (probs * logits).sum(axis=-1)
 
 
-def _forward(
+def forward_logprobs(
     model: Any, batch: Batch, with_entropy: bool = False
 ) -> tuple[mx.array, mx.array | None]:
     """log p(tokens[:, j] | tokens[:, <j]) as [B, L] (0 at j = 0), and the entropy there if asked."""
@@ -95,7 +95,7 @@ def score_batch(model: Any, batch: Batch, cfg: ObjectiveConfig) -> tuple[Rewards
     (``dataclasses.replace(batch, old_logprobs=lp, old_known=None)``).
     """
     _check_nrt_batch(batch)
-    lp, _ = _forward(model, batch)
+    lp, _ = forward_logprobs(model, batch)
     lp = mx.stop_gradient(lp)
     return compute_rewards(answer_logprobs(lp, batch), batch, cfg), lp
 
@@ -198,7 +198,7 @@ def nrt_loss(
     if not normalizer > 0:
         raise NrtError(f"the loss normalizer must be > 0, got {normalizer}")
     _check_nrt_batch(batch)
-    lp, ent = _forward(model, batch, with_entropy=True)
+    lp, ent = forward_logprobs(model, batch, with_entropy=True)
     ans = answer_logprobs(lp, batch)
     if rewards is None:
         rewards = compute_rewards(ans, batch, cfg)
@@ -237,7 +237,7 @@ def sft_loss(
     Each row's sum is divided by ``normalizer`` when it is > 0, else by the row's answer length
     (CE per token). Null-think rows, if any, are left out.
     """
-    lp, _ = _forward(model, batch)
+    lp, _ = forward_logprobs(model, batch)
     ans = answer_logprobs(lp, batch)
     rows = (~batch.is_null).astype(mx.float32)
     n_answer = batch.answer_mask.sum(axis=-1)

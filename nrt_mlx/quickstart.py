@@ -99,8 +99,7 @@ def _nll_line(summary: dict) -> str:
 def _print_samples(report, n: int = 3) -> None:
     print("sample traces (held-out questions):")
     for q in report.questions[:n]:
-        trace = (q.get("traces") or [""])[0]
-        trace = trace if isinstance(trace, str) else trace.get("text", "")
+        trace = (q.get("generations") or [{}])[0].get("trace", "")
         print(
             f"  Q: {q['question']}\n  reference: {q['reference']}\n  trace: {trace.strip()[:200]!r}\n"
         )

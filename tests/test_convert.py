@@ -356,6 +356,7 @@ TOKENIZER_TEXTS = [
     "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
     "<|im_start|>assistant\n",
     "text<|endoftext|>more<repo_name>x <file_sep> y<|im_end|>",
+    "Recipe: 1½ cups of flour, ¼ teaspoon of salt, x² + y³; Arabic digits ١٢٣ and ② circled.",
     '{"key": [1, 2, 3], "nested": {"a": null}} <html><body class="x">&amp;</body></html>',
 ]
 
@@ -380,10 +381,13 @@ def smollm_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm_quantized(smollm_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``convert_gguf`` with its defaults: quantized as in the file (what ``nrt-mlx convert`` does)."""
+    """Quantized as in the file (``nrt-mlx convert``'s default), float32 scales and norms.
+
+    float32 is the CPU backend's default; naming it keeps the logit tolerance valid on a GPU too.
+    """
     from nrt_mlx.convert import convert_gguf
 
-    return convert_gguf(smollm_gguf, tmp_path_factory.mktemp("smollm") / "q")
+    return convert_gguf(smollm_gguf, tmp_path_factory.mktemp("smollm") / "q", dtype="float32")
 
 
 @pytest.fixture(scope="session")
@@ -595,7 +599,7 @@ def test_logits_match_numpy_reference(
     assert got.shape == expected.shape
     np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
     diff = np.abs(got - expected).max()
-    assert diff < 2e-2, f"max abs logit difference {diff} (logits span {np.ptp(expected):.1f})"
+    assert diff < 1e-3, f"max abs logit difference {diff} (logits span {np.ptp(expected):.1f})"
 
 
 @pytest.mark.real
@@ -832,3 +836,108 @@ def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv("NRT_MLX_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "nrt-mlx"
+
+
+# ================================================================================================
+# SentencePiece ("llama") vocabularies, as in Mistral and Llama 2 GGUF files
+# ================================================================================================
+
+SPM_MERGES = [
+    ("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n"), ("▁", "a"), ("a", "n"), ("e", "r"),
+    ("▁", "w"), ("o", "r"), ("▁w", "or"), ("l", "d"), ("▁wor", "ld"), ("▁", "in"), ("▁a", "n"),
+    ("▁an", "d"), ("e", "a"), ("▁w", "ea"), ("t", "h"), ("th", "er"), ("▁wea", "ther"),
+]  # fmt: skip
+
+
+def spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    """<unk>, <s>, </s>, byte tokens, single characters, then merged pieces by falling score."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    chars = sorted({c for pair in SPM_MERGES for piece in pair for c in piece} | set("THEcos."))
+    tokens += chars
+    types += [1] * len(chars)
+    scores = [0.0] * (3 + 256) + [-1000.0 - i for i in range(len(chars))]
+    for rank, (a, b) in enumerate(SPM_MERGES):
+        tokens.append(a + b)
+        types.append(1)
+        scores.append(-float(rank))
+    return tokens, scores, types
+
+
+class ReferenceSPM:
+    """llama.cpp's SentencePiece tokenizer: merge the best-scoring adjacent pair, bytes as fallback."""
+
+    def __init__(self, tokens: list[str], scores: list[float], types: list[int]) -> None:
+        self.tokens, self.scores = tokens, scores
+        self.ids = {t: i for i, t in enumerate(tokens)}
+        self.control = {t for t, k in zip(tokens, types, strict=True) if k == 3}
+        self.split = regex.compile("(" + "|".join(regex.escape(t) for t in self.control) + ")")
+
+    def _segment(self, text: str) -> list[int]:
+        parts = list("▁" + text.replace(" ", "▁"))  # add_space_prefix, then spaces as ▁
+        while True:
+            best = None
+            for i in range(len(parts) - 1):
+                merged = parts[i] + parts[i + 1]
+                if merged in self.ids and (best is None or self.scores[self.ids[merged]] > best[0]):
+                    best = (self.scores[self.ids[merged]], i)
+            if best is None:
+                break
+            i = best[1]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        ids = []
+        for p in parts:
+            if p in self.ids:
+                ids.append(self.ids[p])
+            else:
+                ids.extend(self.ids[f"<0x{b:02X}>"] for b in p.encode("utf-8"))
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        ids = [self.ids["<s>"]]
+        for chunk in self.split.split(text):
+            if chunk in self.control:
+                ids.append(self.ids[chunk])
+            elif chunk:
+                ids.extend(self._segment(chunk))
+        return ids
+
+
+def test_sentencepiece_vocabulary(tmp_path: Path) -> None:
+    from mlx_lm.utils import load_tokenizer
+    from tokenizers import Tokenizer
+
+    from nrt_mlx.convert import convert_gguf
+
+    tokens, scores, types = spm_vocab()
+    meta = tiny_metadata()
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.merges", "tokenizer.ggml.add_bos_token"):
+        del meta[key]
+    meta |= {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.unknown_token_id": 0,
+    }
+    vocab_types = dict.fromkeys(TINY_TYPES, Q4_1)
+    tensors = [
+        t for t in tiny_tensors(vocab_types) if t[0] not in ("token_embd.weight", "output.weight")
+    ]
+    rng = np.random.default_rng(1)
+    for name in ("token_embd.weight", "output.weight"):
+        w = rng.normal(0, 0.5, (len(tokens), TINY["hidden"]))
+        tensors.append((name, F32, w.shape, quantize(F32, w)))
+    path = write_gguf(tmp_path / "spm.gguf", meta, tensors)
+    out = convert_gguf(path, tmp_path / "out")
+    ref = ReferenceSPM(tokens, scores, types)
+    fast = Tokenizer.from_file(str(out / "tokenizer.json"))
+    wrapper = load_tokenizer(out)
+    texts = ["the weather in the world", "The other weather and", "théâtre 🙂 in", "an</s>and the"]
+    for text in texts:
+        expected = ref.encode(text)
+        assert fast.encode(text).ids == expected, text
+        assert wrapper.encode(text) == expected, text
+        if "</s>" not in text:
+            assert fast.decode(expected, skip_special_tokens=True) == text
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is True

@@ -163,7 +163,8 @@ def run_dir(tmp_path_factory, tiny_model_dir):
     mx.random.seed(0)
     params = tree_flatten(loaded.model.trainable_parameters())
     loaded.model.update(tree_unflatten([(k, 0.5 * mx.random.normal(v.shape)) for k, v in params]))
-    save_adapters(loaded.model, adapter_config(loaded, lora), root / "adapters")
+    extra = {"nrt_mlx": {"marker": "\nAnswer:\n"}}  # what the trainer writes
+    save_adapters(loaded.model, adapter_config(loaded, lora, extra), root / "adapters")
     recipe = Recipe()
     recipe.model.path = str(tiny_model_dir)
     recipe.rollout.marker = "\nAnswer:\n"
@@ -188,8 +189,10 @@ def test_find_adapters_resolves_runs_checkpoints_and_adapter_dirs(run_dir, tmp_p
     step = run_dir / "checkpoints" / "step_000002"
     shutil.copytree(run_dir / "adapters", step)
     assert find_adapters(step).adapter_dir == step and find_adapters(step).recipe is not None
-    bare = shutil.copytree(run_dir / "adapters", tmp_path / "bare")
-    assert find_adapters(bare).recipe is None
+    bare = find_adapters(shutil.copytree(run_dir / "adapters", tmp_path / "bare"))
+    # Without a recipe, adapter_config.json still names the base model and the marker.
+    assert bare.recipe is None and bare.marker == "\nAnswer:\n"
+    assert bare.base_model == find_adapters(run_dir).base_model != ""
     with pytest.raises(NrtError, match="no such run"):
         find_adapters(tmp_path / "missing")
     with pytest.raises(NrtError, match="no adapters.safetensors"):
