@@ -191,10 +191,15 @@ def test_trained_run_fuses_into_a_standalone_model(tmp_path, tiny_model_dir):
     """The user's day: train, fuse, then mlx-lm alone runs the result with the trained behaviour."""
     recipe = make_recipe(tmp_path, tiny_model_dir, train={"steps": 2, "updates_per_rollout": 2,
                                                           "micro_batch_questions": 1,
-                                                          "grad_checkpoint": True})
+                                                          "grad_checkpoint": True, "eval_every": 2,
+                                                          "eval_questions": 2})
     cli("train", str(recipe), "--quiet")
     run = tmp_path / "run"
-    assert all(np.isfinite(r["loss"]) for r in metrics(run))
+    rows = metrics(run)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    # The valid split is evaluated at step 2 within the budget, into metrics.jsonl.
+    assert "eval_null_nll" not in rows[0] and rows[1]["eval_questions"] == 2
+    assert np.isfinite(rows[1]["eval_null_nll"]) and np.isfinite(rows[1]["eval_trace_nll_mean"])
     cli("fuse", str(run), str(tmp_path / "fused"))
     fused = logits(tmp_path / "fused", None)
     np.testing.assert_allclose(fused, logits(tiny_model_dir, run / "adapters"), atol=1e-4)
