@@ -43,9 +43,15 @@ def main() -> None:
 @app.command()
 def train(
     recipe: str | None = typer.Argument(None, help="YAML recipe (see recipes/reference.yaml)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=10 (repeatable)."),
-    resume: str | None = typer.Option(None, "--resume", help="Continue RUN_DIR from its latest checkpoint."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a key: --set train.steps=10 (repeatable)."
+    ),
+    resume: str | None = typer.Option(
+        None, "--resume", help="Continue RUN_DIR from its latest checkpoint."
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Plain log lines instead of a progress bar."
+    ),
 ) -> None:
     """Train LoRA adapters with NRT (or the SFT baseline) as RECIPE says."""
     from nrt_mlx import trainer
@@ -64,9 +70,15 @@ def train(
 
 @app.command()
 def quickstart(
-    recipe: str | None = typer.Option(None, "--recipe", help="Recipe (default: recipes/quickstart.yaml)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=4 (repeatable)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="Recipe (default: recipes/quickstart.yaml)."
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a key: --set train.steps=4 (repeatable)."
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Plain log lines instead of a progress bar."
+    ),
 ) -> None:
     """Train SmolLM2-135M (fetched and converted once) with NRT on the bundled data."""
     from nrt_mlx.quickstart import run_quickstart

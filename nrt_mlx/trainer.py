@@ -280,7 +280,9 @@ def train_step(session: Session, step: int) -> dict[str, Any]:
             batches[i] = dataclasses.replace(b, old_logprobs=lp, old_known=None)
             mx.eval(lp, fixed_rewards[i].advantage)
 
-    def weighted(model: nn.Module, batch: Any, weight: float, rewards: Any) -> tuple[mx.array, dict]:
+    def weighted(
+        model: nn.Module, batch: Any, weight: float, rewards: Any
+    ) -> tuple[mx.array, dict]:
         if nrt:
             loss, metrics = nrt_loss(model, batch, r.objective, session.normalizer, rewards=rewards)
         else:

@@ -189,10 +189,18 @@ def test_refuses_to_overwrite_a_run_and_bad_input_is_one_line(tmp_path, tiny_mod
 
 def test_trained_run_fuses_into_a_standalone_model(tmp_path, tiny_model_dir):
     """The user's day: train, fuse, then mlx-lm alone runs the result with the trained behaviour."""
-    recipe = make_recipe(tmp_path, tiny_model_dir, train={"steps": 2, "updates_per_rollout": 2,
-                                                          "micro_batch_questions": 1,
-                                                          "grad_checkpoint": True, "eval_every": 2,
-                                                          "eval_questions": 2})
+    recipe = make_recipe(
+        tmp_path,
+        tiny_model_dir,
+        train={
+            "steps": 2,
+            "updates_per_rollout": 2,
+            "micro_batch_questions": 1,
+            "grad_checkpoint": True,
+            "eval_every": 2,
+            "eval_questions": 2,
+        },
+    )
     cli("train", str(recipe), "--quiet")
     run = tmp_path / "run"
     rows = metrics(run)
