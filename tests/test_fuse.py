@@ -17,8 +17,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 import yaml
+from helpers import run_cli
 
-from nrt_mlx.cli import main
 from nrt_mlx.errors import NrtError
 from nrt_mlx.fuse import fuse_run
 from nrt_mlx.model import add_adapters, load_adapter_weights, load_model
@@ -28,20 +28,6 @@ PROMPT = "what is the capital of France and why is the river cold"
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-
-def run_cli(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object
-) -> tuple[int, str, str]:
-    """Run the console entry point in-process; returns (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["nrt-mlx", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def prompt_ids(model_dir: Path) -> mx.array:

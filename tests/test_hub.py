@@ -16,14 +16,13 @@ import re
 import secrets
 import socket
 import string
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
-from nrt_mlx.cli import main
 from nrt_mlx.errors import NrtError
 from nrt_mlx.hub import files_to_upload, hub_error, upload_folder_to_hub
 
@@ -163,19 +162,6 @@ def expected_files(folder: Path) -> dict[str, bytes]:
         for p in folder.rglob("*")
         if p.is_file() and ".git" not in p.relative_to(folder).parts
     }
-
-
-def run_cli(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object
-) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["nrt-mlx", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 class _Records(logging.Handler):
