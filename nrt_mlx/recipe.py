@@ -104,7 +104,6 @@ class TrainConfig:
     eval_samples: int = 2
     collapse_stop: bool = False
     collapse_fraction: float = 0.3
-    report_to: Literal["none", "wandb", "tensorboard"] = "none"
 
 
 @dataclass
