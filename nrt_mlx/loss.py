@@ -92,7 +92,7 @@ def score_batch(model: Any, batch: Batch, cfg: ObjectiveConfig) -> tuple[Rewards
 
     For several updates per rollout batch: call once before the first update, keep the rewards
     fixed (pass them to ``nrt_loss``) and use the log-probs as ``old_logprobs``
-    (``dataclasses.replace(batch, old_logprobs=lp, old_known=None)``).
+    (``dataclasses.replace(batch, old_logprobs=lp)``).
     """
     _check_nrt_batch(batch)
     lp, _ = forward_logprobs(model, batch)
@@ -135,10 +135,9 @@ def _trace_weights(
         return mx.ones_like(lp), mx.array(0.0)
     low, high = 1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high
     ratio = mx.exp(mx.stop_gradient(lp) - batch.old_logprobs)
-    known = batch.old_known if batch.old_known is not None else mx.ones(lp.shape, dtype=mx.bool_)
     adv = advantage[:, None]
-    masked = known & (((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low)))
-    rho = mx.where(known, mx.clip(ratio, low, high), 1.0)
+    masked = ((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low))
+    rho = mx.clip(ratio, low, high)
     segs = batch.segments
     trace = ((segs == THINK) | (segs == MARKER)) & ~batch.is_null[:, None]
     frac = (masked & trace).sum() / mx.maximum(trace.sum(), 1)

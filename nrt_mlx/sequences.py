@@ -234,26 +234,6 @@ def resolve_marker(tokenizer: Any, marker: str = "auto") -> AnswerMarker:
     return text_marker(tokenizer, marker)
 
 
-def split_at_marker(
-    ids: Sequence[int], marker: AnswerMarker, eos_ids: Sequence[int] | set[int] = ()
-) -> tuple[list[int], bool]:
-    """Cut a sampled completion into (think ids, emitted_marker).
-
-    The think ids are everything before the first occurrence of the marker ids (then
-    emitted_marker is True) or before the first EOS id (False); otherwise the whole completion.
-    Matching is on ids, so a text marker is only found when sampled with its own tokenization.
-    """
-    ids = list(ids)
-    m = marker.ids
-    eos = set(eos_ids)
-    for i, tok in enumerate(ids):
-        if ids[i : i + len(m)] == m:
-            return ids[:i], True
-        if tok in eos:
-            return ids[:i], False
-    return ids, False
-
-
 # --------------------------------------------------------------------------------------------
 # Rows
 # --------------------------------------------------------------------------------------------
@@ -268,7 +248,6 @@ class Row:
     question: int  # group id of the question within the batch
     is_null: bool
     emitted_marker: bool  # the sampled trace ended with the marker itself (False for null rows)
-    sample_logprobs: list[float] | None = None  # sampler log-probs of the THINK tokens (old policy)
 
 
 def _make_row(
@@ -279,12 +258,11 @@ def _make_row(
     question: int,
     is_null: bool,
     emitted: bool,
-    logprobs: list[float] | None,
 ) -> Row:
     parts = ((prompt, PROMPT), (think, THINK), (marker, MARKER), (answer, ANSWER))
     tokens = [int(t) for ids, _ in parts for t in ids]
     segments = [seg for ids, seg in parts for _ in ids]
-    return Row(tokens, segments, question, is_null, emitted, logprobs)
+    return Row(tokens, segments, question, is_null, emitted)
 
 
 def _check_fixed_parts(
@@ -313,7 +291,6 @@ def build_rows(
     question: int,
     emitted_marker: list[bool],
     max_length: int,
-    trace_logprobs: list[list[float]] | None = None,
 ) -> list[Row]:
     """K training rows ``[prompt | z_k | m | y* EOS]`` then ONE null-think row ``[prompt | m | y* EOS]``.
 
@@ -321,34 +298,21 @@ def build_rows(
     (``encode_answer``). A row longer than ``max_length`` keeps only the first think tokens that
     fit; its marker then no longer follows what was sampled, so the row counts as
     ``emitted_marker=False`` (like a trace cut by the think limit) and gets the format term.
-    ``trace_logprobs[k]`` has one sampler log-prob per think token of z_k (or per think and
-    marker token, when the sampler emitted the marker).
     """
     prompt, answer, m = list(prompt_ids), list(answer_ids), list(marker.ids)
     if not m:
         raise NrtError("the answer marker has no token ids")
     if len(emitted_marker) != len(traces):
         raise NrtError(f"emitted_marker has {len(emitted_marker)} flags for {len(traces)} traces")
-    if trace_logprobs is not None and len(trace_logprobs) != len(traces):
-        raise NrtError(f"trace_logprobs has {len(trace_logprobs)} lists for {len(traces)} traces")
     room = _check_fixed_parts(prompt, m, answer, max_length)
     rows = []
     for k, trace in enumerate(traces):
         think = list(trace)
         emitted = bool(emitted_marker[k])
-        logprobs = None
-        if trace_logprobs is not None:
-            logprobs = [float(v) for v in trace_logprobs[k]]
-            if len(logprobs) not in (len(think), len(think) + len(m)):
-                raise NrtError(
-                    f"trace {k} has {len(think)} think tokens but {len(logprobs)} log-probs "
-                    f"(expected {len(think)}, or {len(think) + len(m)} with the marker)"
-                )
         if len(think) > room:
             think, emitted = think[:room], False
-            logprobs = logprobs[:room] if logprobs is not None else None
-        rows.append(_make_row(prompt, think, m, answer, question, False, emitted, logprobs))
-    rows.append(_make_row(prompt, [], m, answer, question, True, False, None))
+        rows.append(_make_row(prompt, think, m, answer, question, False, emitted))
+    rows.append(_make_row(prompt, [], m, answer, question, True, False))
     return rows
 
 
@@ -358,7 +322,7 @@ def sft_rows(
     """One row ``[prompt | y* EOS]`` for plain supervised fine-tuning (answer tokens are the targets)."""
     prompt, answer = list(prompt_ids), list(answer_ids)
     _check_fixed_parts(prompt, [], answer, max_length)
-    return [_make_row(prompt, [], [], answer, question, False, False, None)]
+    return [_make_row(prompt, [], [], answer, question, False, False)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,11 +344,10 @@ class Batch:
     is_null: mx.array  # [B] bool
     emitted_marker: mx.array  # [B] bool
     null_row: mx.array  # [B] int32: index of the null-think row of the same question (-1: none)
-    old_logprobs: (
-        mx.array | None
-    )  # [B, L] float32 sampler log-prob of tokens[:, j] (0 where unknown)
     lengths: mx.array  # [B] int32
-    old_known: mx.array | None = None  # [B, L] bool: where old_logprobs holds a real value
+    # [B, L] log p_old(tokens[:, j]) under the weights that sampled the batch, for the clipped
+    # importance ratio when one rollout batch gets several updates (loss.score_batch gives them).
+    old_logprobs: mx.array | None = None
 
     @property
     def num_rows(self) -> int:
@@ -410,22 +373,6 @@ def _check_answers_agree(rows: list[Row]) -> None:
             raise NrtError(f"rows of question {row.question} carry different answer ids")
 
 
-def _old_logprobs(rows: list[Row], length: int) -> tuple[mx.array | None, mx.array | None]:
-    """Sampler log-probs placed at the positions of the tokens they belong to (think, then marker)."""
-    if all(row.sample_logprobs is None for row in rows):
-        return None, None
-    values = np.zeros((len(rows), length), dtype=np.float32)
-    known = np.zeros((len(rows), length), dtype=bool)
-    for b, row in enumerate(rows):
-        if row.sample_logprobs is None:
-            continue
-        positions = [j for j, s in enumerate(row.segments) if s in (THINK, MARKER)]
-        positions = positions[: len(row.sample_logprobs)]
-        values[b, positions] = row.sample_logprobs[: len(positions)]
-        known[b, positions] = True
-    return mx.array(values), mx.array(known)
-
-
 def collate(rows: list[Row], pad_id: int, length: int | None = None) -> Batch:
     """Right-pad rows into a Batch. ``length`` pads to at least that many tokens (fixed shapes)."""
     if not rows:
@@ -448,7 +395,6 @@ def collate(rows: list[Row], pad_id: int, length: int | None = None) -> Batch:
         segments[b, : len(row.segments)] = row.segments
         positions[b, : len(answers[b])] = answers[b]
         mask[b, : len(answers[b])] = 1.0
-    old, known = _old_logprobs(rows, big_l)
     return Batch(
         tokens=mx.array(tokens),
         segments=mx.array(segments),
@@ -458,7 +404,5 @@ def collate(rows: list[Row], pad_id: int, length: int | None = None) -> Batch:
         is_null=mx.array(np.array([r.is_null for r in rows], dtype=bool)),
         emitted_marker=mx.array(np.array([r.emitted_marker for r in rows], dtype=bool)),
         null_row=mx.array(_null_rows(rows)),
-        old_logprobs=old,
         lengths=mx.array(np.array([len(r.tokens) for r in rows], dtype=np.int32)),
-        old_known=known,
     )

@@ -228,7 +228,6 @@ def _rows_for_step(
                 q,
                 [t.emitted_marker for t in group],
                 session.max_length,
-                [t.logprobs for t in group],
             )
         )
     return out
@@ -277,7 +276,7 @@ def train_step(session: Session, step: int) -> dict[str, Any]:
         # importance ratio come from the weights that sampled the batch, fixed before any update.
         for i, b in enumerate(batches):
             fixed_rewards[i], lp = score_batch(model, b, r.objective)
-            batches[i] = dataclasses.replace(b, old_logprobs=lp, old_known=None)
+            batches[i] = dataclasses.replace(b, old_logprobs=lp)
             mx.eval(lp, fixed_rewards[i].advantage)
 
     def weighted(

@@ -43,7 +43,7 @@ def loaded(tiny_model_dir):
     return model, tok
 
 
-def _rows(tok, with_logprobs: bool = False) -> list[Row]:
+def _rows(tok) -> list[Row]:
     """Two questions of K = 3 traces (one empty, one that did not emit the marker) + null rows."""
     rng = np.random.default_rng(0)
     marker = resolve_marker(tok)
@@ -55,7 +55,6 @@ def _rows(tok, with_logprobs: bool = False) -> list[Row]:
     rows = []
     for q, ((question, answer), lens) in enumerate(zip(questions, lengths)):
         traces = [rng.integers(6, 400, n).tolist() for n in lens]
-        logprobs = [rng.uniform(-3, 0, n).tolist() for n in lens] if with_logprobs else None
         rows += build_rows(
             encode_prompt(tok, [{"role": "user", "content": question}]),
             traces,
@@ -64,7 +63,6 @@ def _rows(tok, with_logprobs: bool = False) -> list[Row]:
             q,
             [True, False, True],
             256,
-            logprobs,
         )
     return rows
 
@@ -339,7 +337,7 @@ def _old_batch(batch, lp, shift: float):
     """old log-probs = current ones + shift on trace tokens (ratio p/p_old = exp(-shift))."""
     segs = np.array(batch.segments)
     trace = mx.array((segs == THINK) | (segs == MARKER))
-    return dataclasses.replace(batch, old_logprobs=lp + shift * trace, old_known=None)
+    return dataclasses.replace(batch, old_logprobs=lp + shift * trace)
 
 
 @pytest.mark.parametrize(
@@ -377,30 +375,6 @@ def test_clipped_ratio_and_masking(loaded, shift: float, kept: str, rho: float) 
         _grads(model, lambda: nrt_loss(model, shifted, cfg, NORM, rewards)[0]),
         _grads(model, lambda: _reference_loss(model, rows, adv, NO_SIGNAL, cfg, weights)),
     )
-
-
-def test_sampler_logprobs_only_where_known(loaded) -> None:
-    """Positions without a sampler log-prob (the appended marker) keep rho = 1."""
-    model, tok = loaded
-    rows = _rows(tok, with_logprobs=True)
-    batch = collate(rows, tok.pad_token_id)
-    cfg = ObjectiveConfig(trace_coef=1.0, token_coef=0.0, format_coef=0.0)
-    rewards, lp = score_batch(model, batch, cfg)
-    adv, lp = np.array(rewards.advantage), np.array(lp)
-    weights = []
-    for b, row in enumerate(rows):
-        idx = _where(row, THINK, MARKER) + 1  # positions in tokens
-        w = np.ones(len(idx))
-        for j, pos in enumerate(idx):
-            if row.sample_logprobs is not None and j < len(row.sample_logprobs):
-                ratio = math.exp(lp[b, pos] - row.sample_logprobs[j])
-                dropped = (adv[b] > 0 and ratio > 1.28) or (adv[b] < 0 and ratio < 0.8)
-                w[j] = 0.0 if dropped else min(max(ratio, 0.8), 1.28)
-        weights.append(w)
-    assert any(0 < x < 1 for w in weights for x in w) or any(x == 0 for w in weights for x in w)
-    loss, _ = nrt_loss(model, batch, cfg, NORM, rewards)
-    want = _reference_loss(model, rows, adv, NO_SIGNAL, cfg, weights)
-    np.testing.assert_allclose(float(loss), float(want), rtol=1e-4)
 
 
 def test_sft_loss(loaded) -> None:

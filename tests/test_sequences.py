@@ -22,7 +22,6 @@ from nrt_mlx.sequences import (
     encode_prompt,
     resolve_marker,
     sft_rows,
-    split_at_marker,
 )
 from nrt_mlx.tiny import CHATML_TEMPLATE
 
@@ -156,14 +155,6 @@ def test_explicit_markers(tok) -> None:
         resolve_marker(tok, "")
 
 
-def test_split_at_marker() -> None:
-    marker = AnswerMarker("x", [7, 8], False)
-    assert split_at_marker([1, 2, 7, 8, 9], marker, {2}) == ([1], False)
-    assert split_at_marker([1, 7, 8, 2, 9], marker, {2}) == ([1], True)
-    assert split_at_marker([1, 7, 3, 7, 8], marker) == ([1, 7, 3], True)
-    assert split_at_marker([1, 7], marker) == ([1, 7], False)
-
-
 # --------------------------------------------------------------------------------------------
 # Rows and batches
 # --------------------------------------------------------------------------------------------
@@ -207,14 +198,12 @@ def test_truncation_cuts_think_never_answer() -> None:
         0,
         [True, True],
         10,
-        trace_logprobs=[[-1.0] * 10, [-2.0, -3.0]],
     )
     assert [len(r.tokens) for r in rows] == [10, 9, 7]
     assert _segments(rows[0], THINK) == [100, 101, 102]
     assert all(_segments(r, ANSWER) == ANSWER_IDS for r in rows)
     # The cut row's marker no longer follows what was sampled: it gets the format term.
     assert [r.emitted_marker for r in rows] == [False, True, False]
-    assert rows[0].sample_logprobs == [-1.0] * 3 and rows[1].sample_logprobs == [-2.0, -3.0]
     with pytest.raises(NrtError, match=r"= 7 tokens exceed max_length=6"):
         build_rows(PROMPT_IDS, traces, MARK, ANSWER_IDS, 0, [True, True], 6)
 
@@ -222,8 +211,6 @@ def test_truncation_cuts_think_never_answer() -> None:
 def test_build_rows_bad_inputs() -> None:
     with pytest.raises(NrtError, match="2 flags for 1 traces"):
         build_rows(PROMPT_IDS, [[5]], MARK, ANSWER_IDS, 0, [True, False], 64)
-    with pytest.raises(NrtError, match="1 think tokens but 3 log-probs"):
-        build_rows(PROMPT_IDS, [[5]], MARK, ANSWER_IDS, 0, [True], 64, [[-1.0, -1.0, -1.0]])
     with pytest.raises(NrtError, match="prompt is empty"):
         build_rows([], [[5]], MARK, ANSWER_IDS, 0, [True], 64)
     with pytest.raises(NrtError, match="answer is empty"):
@@ -247,7 +234,6 @@ def _two_questions() -> list[Row]:
         0,
         [True, False],
         64,
-        [[-0.5] * 4, [-0.7]],
     )
     rows += build_rows([11, 14], [[30, 31]], MARK, [50, 2], 1, [True], 64)
     return rows
@@ -273,15 +259,8 @@ def test_collate() -> None:
     assert np.array(batch.is_null).tolist() == [False, False, True, False, True]
     assert np.array(batch.emitted_marker).tolist() == [True, False, False, True, False]
     assert np.array(batch.null_row).tolist() == [2, 2, 2, 4, 4]
-    # Sampler log-probs sit at the positions of the tokens they score (here think + marker of row 0).
-    old, known = np.array(batch.old_logprobs), np.array(batch.old_known)
-    assert known[0].tolist() == [False] * 3 + [True] * 4 + [False] * 3
-    assert (
-        old[0, 3:7].tolist() == [-0.5] * 4 and old[1, 3] == pytest.approx(-0.7) and not known[1, 4]
-    )
-    assert not known[2:].any() and not old[2:].any()
     assert collate(rows, pad_id=0, length=16).tokens.shape == (5, 16)
-    assert collate(rows[3:], pad_id=0).old_logprobs is None
+    assert batch.old_logprobs is None
 
 
 def test_collate_bad_inputs() -> None:
