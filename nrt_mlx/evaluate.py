@@ -46,6 +46,8 @@ from nrt_mlx.sequences import (
     collate,
     encode_answer,
     encode_prompt,
+    eos_ids,
+    pad_id,
     resolve_marker,
 )
 
@@ -224,16 +226,6 @@ class RowScore:
     def logprob(self) -> float:
         """log p(y* EOS | ...) of the whole answer."""
         return float(self.answer_logprobs.sum())
-
-
-def eos_ids(tokenizer: Any) -> set[int]:
-    """Every id that ends a generation."""
-    return set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-
-
-def pad_id(tokenizer: Any) -> int:
-    """The padding id: the tokenizer's pad token, else EOS (padding is never attended to)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _chunks(rows: list[Row], batch_tokens: int) -> list[list[Row]]:
@@ -610,15 +602,12 @@ def load_for_eval(model_path: str | None, source: AdapterSource | None = None) -
     return loaded
 
 
-def config_from_run(source: AdapterSource | None, **overrides: Any) -> EvalConfig:
-    """EvalConfig with the run's rollout settings (marker, think prefix, sampler), then ``overrides``.
-
-    Without a recipe the marker comes from adapter_config.json (nrt-mlx writes it there).
-    Overrides that are None keep the run's (or the default) value.
-    """
+def eval_config(recipe: Recipe | None = None, **overrides: Any) -> EvalConfig:
+    """EvalConfig with a recipe's rollout settings (marker, think prefix, sampler, think budget),
+    then ``overrides``; overrides that are None keep the recipe's (or the default) value."""
     cfg = EvalConfig()
-    if source is not None and source.recipe is not None:
-        r = source.recipe.rollout
+    if recipe is not None:
+        r = recipe.rollout
         cfg = EvalConfig(
             max_think_tokens=r.max_think_tokens,
             temperature=r.temperature,
@@ -626,6 +615,17 @@ def config_from_run(source: AdapterSource | None, **overrides: Any) -> EvalConfi
             marker=r.marker,
             think_prefix=r.think_prefix,
         )
-    elif source is not None and source.marker:
-        cfg = EvalConfig(marker=source.marker)
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def config_from_run(source: AdapterSource | None, **overrides: Any) -> EvalConfig:
+    """EvalConfig with the run's rollout settings, then ``overrides`` (None keeps a value).
+
+    Without a recipe the marker comes from adapter_config.json (nrt-mlx writes it there).
+    """
+    if source is not None and source.recipe is None and source.marker:
+        overrides = {
+            "marker": source.marker,
+            **{k: v for k, v in overrides.items() if v is not None},
+        }
+    return eval_config(source.recipe if source is not None else None, **overrides)

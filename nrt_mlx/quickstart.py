@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nrt_mlx.errors import NrtError
-from nrt_mlx.recipe import Recipe, load_recipe, save_recipe
+from nrt_mlx.recipe import load_recipe
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
 
@@ -24,22 +24,6 @@ def _fresh_run_dir(path: Path) -> Path:
     return candidate
 
 
-def _eval_config(recipe: Recipe, questions: int):
-    from nrt_mlx.evaluate import EvalConfig
-
-    return EvalConfig(
-        samples=2,
-        max_think_tokens=recipe.rollout.max_think_tokens,
-        temperature=recipe.rollout.temperature,
-        top_p=recipe.rollout.top_p,
-        seed=recipe.train.seed,
-        max_questions=questions,
-        generate=False,
-        marker=recipe.rollout.marker,
-        think_prefix=recipe.rollout.think_prefix,
-    )
-
-
 def run_quickstart(
     recipe_path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -48,8 +32,8 @@ def run_quickstart(
 ) -> Path:
     """Train the quickstart recipe on the default model; returns the run directory."""
     from nrt_mlx.default_model import default_model_dir
-    from nrt_mlx.evaluate import evaluate
-    from nrt_mlx.trainer import prepare, run_training
+    from nrt_mlx.evaluate import eval_config, evaluate
+    from nrt_mlx.trainer import run_training, start_run
 
     path = Path(recipe_path) if recipe_path else DEFAULT_RECIPE
     if not path.exists():
@@ -64,12 +48,12 @@ def run_quickstart(
         )
         recipe.model.path = str(default_model_dir())
     recipe.run.dir = str(_fresh_run_dir(Path(recipe.run.dir)))
-    session = prepare(recipe)
-    session.run.root.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, session.run.recipe)
-    print(session.state["data_report"], flush=True)
+    session = start_run(recipe)
+    print(session.data_report, flush=True)
     held_out = [e.example for e in (session.valid or session.train)]
-    cfg = _eval_config(recipe, eval_questions)
+    cfg = eval_config(
+        recipe, samples=2, seed=recipe.train.seed, max_questions=eval_questions, generate=False
+    )
     model, tok = session.loaded.model, session.loaded.tokenizer
     before = evaluate(model, tok, held_out, cfg)
     print(f"held-out answer NLL/token before: {_nll_line(before.summary)}", flush=True)

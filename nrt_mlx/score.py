@@ -23,11 +23,11 @@ import mlx.nn as nn
 import numpy as np
 
 from nrt_mlx.errors import NrtError
-from nrt_mlx.evaluate import eos_ids, pad_id, render_text, score_rows, trace_rows
+from nrt_mlx.evaluate import render_text, score_rows, trace_rows
 from nrt_mlx.recipe import RolloutConfig
 from nrt_mlx.rewards import AGGREGATORS, aggregate
 from nrt_mlx.rollout import Trace, sample_traces
-from nrt_mlx.sequences import encode_answer, encode_prompt, resolve_marker
+from nrt_mlx.sequences import encode_answer, encode_prompt, eos_ids, pad_id, resolve_marker
 
 # b_i below HARD is a hard token (shown red), above EASY an easy one (dimmed).
 HARD, EASY = 0.1, 0.9

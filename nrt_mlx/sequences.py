@@ -67,6 +67,17 @@ def _eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
+def eos_ids(tokenizer: Any) -> set[int]:
+    """Every id that ends a generation (mlx-lm's wrapper may know several)."""
+    return set(getattr(tokenizer, "eos_token_ids", None) or [_eos_id(tokenizer)])
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The padding id: the tokenizer's pad token, else EOS (padding is never attended to)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else _eos_id(tokenizer)
+
+
 def _check_messages(messages: Sequence[dict] | str) -> list[dict]:
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
+from nrt_mlx.collapse import distinct_n
 from nrt_mlx.data import Dataset, Example, drop_long, load_jsonl
 from nrt_mlx.errors import NrtError
 from nrt_mlx.loss import nrt_loss, score_batch, sft_loss
@@ -44,6 +45,8 @@ from nrt_mlx.sequences import (
     collate,
     encode_answer,
     encode_prompt,
+    eos_ids,
+    pad_id,
     resolve_marker,
     sft_rows,
 )
@@ -83,7 +86,18 @@ class Session:
     pad_id: int
     max_length: int
     normalizer: float
-    state: dict[str, Any] = field(default_factory=dict)
+    data_report: str  # what was kept and skipped of data.train
+    position: int = 0  # questions consumed so far (the data position a checkpoint saves)
+
+
+@dataclass
+class StepResult:
+    """One step's logged metrics, and the questions and traces behind them (for samples.jsonl)."""
+
+    metrics: dict[str, Any]
+    items: list[Encoded]
+    traces: list[list[Trace]] | None  # None for SFT
+    rewards: list[float]  # raw trace reward per trace row, in the order of ``traces``
 
 
 def encode_dataset(data: Dataset, tokenizer: Any, recipe: Recipe) -> list[Encoded]:
@@ -134,11 +148,14 @@ def make_optimizer(recipe: Recipe) -> optim.Optimizer:
 
 def question_indices(n: int, seed: int, position: int, count: int, shuffle: bool) -> list[int]:
     """The ``count`` questions after ``position`` in a per-epoch shuffled order of ``n``."""
+    orders: dict[int, np.ndarray] = {}
     out = []
     for p in range(position, position + count):
         epoch, i = divmod(p, n)
-        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-        out.append(int(order[i]))
+        if epoch not in orders:
+            rng = np.random.default_rng([seed, epoch])
+            orders[epoch] = rng.permutation(n) if shuffle else np.arange(n)
+        out.append(int(orders[epoch][i]))
     return out
 
 
@@ -169,8 +186,6 @@ def prepare(recipe: Recipe, resume: bool = False) -> Session:
     train = encode_dataset(train_data, tok, recipe)
     valid = encode_dataset(valid_data, tok, recipe) if valid_data else []
     marker = resolve_marker(tok, recipe.rollout.marker)
-    eos_ids = set(getattr(tok, "eos_token_ids", None) or [tok.eos_token_id])
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     # Record what was actually used: the resolved quantization and absolute paths.
     recipe.model.quantize = loaded.bits if loaded.bits is not None else "none"
     max_length = (
@@ -196,16 +211,15 @@ def prepare(recipe: Recipe, resume: bool = False) -> Session:
         train=train,
         valid=valid,
         marker=marker,
-        eos_ids=eos_ids,
+        eos_ids=eos_ids(tok),
         optimizer=make_optimizer(recipe),
         run=run,
         adapter_config=adapter_config(loaded, recipe.lora, extra),
-        pad_id=pad_id,
+        pad_id=pad_id(tok),
         max_length=max_length,
         normalizer=normalizer,
-        state={"step": 0, "position": 0},
+        data_report=train_data.report(),
     )
-    session.state["data_report"] = train_data.report()
     return session
 
 
@@ -239,7 +253,7 @@ def _micro_batches(rows: list[list[Row]], per_batch: int) -> list[list[Row]]:
     return [sum(rows[i : i + per_batch], []) for i in range(0, len(rows), per_batch)]
 
 
-def train_step(session: Session, step: int) -> dict[str, Any]:
+def train_step(session: Session, step: int) -> StepResult:
     """One optimizer step (or ``updates_per_rollout`` of them on one rollout batch)."""
     r = session.recipe
     model = session.loaded.model
@@ -248,7 +262,7 @@ def train_step(session: Session, step: int) -> dict[str, Any]:
     idx = question_indices(
         len(session.train),
         seed,
-        session.state["position"],
+        session.position,
         r.train.questions_per_step,
         r.data.shuffle,
     )
@@ -262,13 +276,11 @@ def train_step(session: Session, step: int) -> dict[str, Any]:
         traces, sample_stats = sample_traces(
             model, [it.prompt for it in items], r.rollout, session.marker.ids, session.eos_ids, key
         )
-    rows = _rows_for_step(session, items, traces)
-    batches = [
-        collate(mb, session.pad_id) for mb in _micro_batches(rows, r.train.micro_batch_questions)
-    ]
+    micro = _micro_batches(_rows_for_step(session, items, traces), r.train.micro_batch_questions)
+    batches = [collate(mb, session.pad_id) for mb in micro]
     model.train()
 
-    n_rows = [int((~b.is_null).sum().item()) for b in batches]
+    n_rows = [sum(not row.is_null for row in mb) for mb in micro]
     total_rows = sum(n_rows)
     fixed_rewards: list[Any] = [None] * len(batches)
     if nrt and r.train.updates_per_rollout > 1:
@@ -291,11 +303,7 @@ def train_step(session: Session, step: int) -> dict[str, Any]:
     value_and_grad = nn.value_and_grad(model, weighted)
 
     start = time.perf_counter()
-    lr = (
-        float(session.optimizer.learning_rate.item())
-        if isinstance(session.optimizer.learning_rate, mx.array)
-        else None
-    )
+    lr = float(session.optimizer.learning_rate.item())  # the rate this step's update uses
     sums: dict[str, float] = {}
     rewards: list[float] = []
     train_tokens = 0
@@ -318,37 +326,36 @@ def train_step(session: Session, step: int) -> dict[str, Any]:
         session.optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), session.optimizer.state)
     train_seconds = time.perf_counter() - start
-    session.state["position"] += len(items)
+    session.position += len(items)
 
     out: dict[str, Any] = {"step": step}
     for key, total in sums.items():
         out[key] = total / total_rows
-    out["loss"] = sums.get("loss", 0.0) / total_rows
     if nrt:
-        lengths = [len(t.tokens) for g in traces for t in g]
+        flat = [t for g in traces for t in g]
+        lengths = [len(t.tokens) for t in flat]
         out["reward_mean"] = float(np.mean(rewards)) if rewards else 0.0
         out["reward_std"] = float(np.std(rewards)) if rewards else 0.0
         out["trace_tokens_mean"] = float(np.mean(lengths))
         out["trace_tokens_min"] = int(np.min(lengths))
         out["trace_tokens_max"] = int(np.max(lengths))
-        out["marker_rate"] = float(np.mean([t.emitted_marker for g in traces for t in g]))
+        out["marker_rate"] = float(np.mean([t.emitted_marker for t in flat]))
+        out["distinct_2"] = distinct_n([t.tokens for t in flat], 2)
         out["sample_tokens_per_s"] = sample_stats.tokens_per_second
         out["sample_seconds"] = sample_stats.seconds
     out["train_tokens_per_s"] = train_tokens / train_seconds if train_seconds > 0 else 0.0
     out["train_seconds"] = train_seconds
     out["peak_memory_gb"] = mx.get_peak_memory() / 1e9
     out["lr"] = lr
-    session.state["last_traces"] = (items, traces, rewards)
-    return out
+    return StepResult(out, items, traces, rewards)
 
 
-def _sample_record(session: Session, step: int, max_traces: int = 4) -> dict[str, Any]:
-    items, traces, rewards = session.state["last_traces"]
+def _sample_record(session: Session, result: StepResult, max_traces: int = 4) -> dict[str, Any]:
+    """The first question of the step with a few of its traces and their trace rewards."""
     tok = session.loaded.tokenizer
-    k = session.recipe.rollout.samples
-    item = items[0]
+    item, rewards = result.items[0], result.rewards
     return {
-        "step": step,
+        "step": result.metrics["step"],
         "question": item.example.question,
         "reference": item.example.answer,
         "traces": [
@@ -358,14 +365,14 @@ def _sample_record(session: Session, step: int, max_traces: int = 4) -> dict[str
                 "tokens": len(t.tokens),
                 "emitted_marker": t.emitted_marker,
             }
-            for i, t in enumerate(traces[0][: min(k, max_traces)])
+            for i, t in enumerate(result.traces[0][:max_traces])
         ],
     }
 
 
 def _checkpoint(session: Session, step: int) -> None:
     state = {
-        "position": session.state["position"],
+        "position": session.position,
         "rng": {"seed": session.recipe.train.seed, "scheme": "per-step: seed*1000003+step"},
     }
     session.run.save_checkpoint(
@@ -380,20 +387,16 @@ def _checkpoint(session: Session, step: int) -> None:
 
 def evaluate_valid(session: Session) -> dict[str, float]:
     """The eval figures on the valid split within the recipe's budget, keys prefixed ``eval_``."""
-    from nrt_mlx.evaluate import EvalConfig, evaluate
+    from nrt_mlx.evaluate import eval_config, evaluate
 
     r = session.recipe
-    cfg = EvalConfig(
+    cfg = eval_config(
+        r,
         samples=r.train.eval_samples,
-        max_think_tokens=r.rollout.max_think_tokens,
-        temperature=r.rollout.temperature,
-        top_p=r.rollout.top_p,
         seed=r.train.seed,
         max_questions=r.train.eval_questions,
         generate=True,
         max_answer_tokens=min(64, r.data.max_answer_tokens),
-        marker=r.rollout.marker,
-        think_prefix=r.rollout.think_prefix,
     )
     report = evaluate(
         session.loaded.model, session.loaded.tokenizer, [e.example for e in session.valid], cfg
@@ -404,7 +407,7 @@ def evaluate_valid(session: Session) -> dict[str, float]:
 def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> Path:
     """Train from ``start_step`` to ``train.steps``: log, sample, evaluate, watch for collapse,
     checkpoint."""
-    from nrt_mlx.collapse import CollapseMonitor, distinct_n
+    from nrt_mlx.collapse import CollapseMonitor
 
     r = session.recipe
     monitor = CollapseMonitor(r.train.collapse_fraction)
@@ -412,14 +415,13 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
     reporter = Reporter(r.train.steps, start_step, quiet, r.run.log_every)
     try:
         for step in range(start_step + 1, r.train.steps + 1):
-            metrics = train_step(session, step)
+            result = train_step(session, step)
+            metrics = result.metrics
             for key, value in metrics.items():
                 if isinstance(value, float) and not math.isfinite(value):
                     raise NrtError(f"step {step}: {key} is {value}; lower optimizer.learning_rate")
             stop = False
             if r.train.method == "nrt":
-                _, traces, _ = session.state["last_traces"]
-                metrics["distinct_2"] = distinct_n([t.tokens for g in traces for t in g], 2)
                 warnings = monitor.update(step, metrics)
                 for message in warnings:
                     reporter.warn(message)
@@ -438,7 +440,7 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
                 and r.run.samples_every
                 and (step == 1 or step % r.run.samples_every == 0)
             ):
-                session.run.log_sample(_sample_record(session, step))
+                session.run.log_sample(_sample_record(session, result))
             reporter.step(metrics)
             if stop or step % r.run.save_every == 0 or step == r.train.steps:
                 _checkpoint(session, step)
@@ -453,13 +455,19 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
     return session.run.root
 
 
-def train(recipe: Recipe, quiet: bool = False) -> Path:
-    """Start a new run as the recipe says; returns the run directory."""
+def start_run(recipe: Recipe) -> Session:
+    """Prepare a new run and write its run directory's resolved recipe."""
     session = prepare(recipe)
     session.run.root.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, session.run.recipe)
+    return session
+
+
+def train(recipe: Recipe, quiet: bool = False) -> Path:
+    """Start a new run as the recipe says; returns the run directory."""
+    session = start_run(recipe)
     if not quiet:
-        print(session.state["data_report"])
+        print(session.data_report)
     return run_training(session, 0, quiet)
 
 
@@ -477,7 +485,7 @@ def resume(run_dir: str | Path, quiet: bool = False, overrides: list[str] | None
     recipe.run.dir = str(run.root)
     session = prepare(recipe, resume=True)
     state = run.load_checkpoint(step, session.loaded.model, session.optimizer)
-    session.state["position"] = state["position"]
+    session.position = state["position"]
     run.truncate_logs(step)
     if step >= recipe.train.steps:
         return run.root
