@@ -1,12 +1,15 @@
 """The ``nrt-mlx`` command: a thin Typer layer over the Python API.
 
 Each command parses its arguments, calls one API function and turns ``NrtError`` into a one-line
-message with exit status 2 (see ``run_cli``).
+message with exit status 2 (see ``command``).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -25,13 +28,27 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
+    """``app.command`` whose NrtError becomes ``error: ...`` and exit status 2, never a traceback
+    (inside the command, so typer's CliRunner sees the same as a terminal)."""
+
+    def register(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*a: Any, **k: Any) -> Any:
+            try:
+                return fn(*a, **k)
+            except NrtError as err:
+                fail(str(err))
+
+        return app.command(*args, **kwargs)(run)
+
+    return register
+
+
 def main() -> None:
-    """Console-script entry point: user errors become one line, never a traceback."""
+    """Console-script entry point."""
     try:
         app()
-    except NrtError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
@@ -40,7 +57,7 @@ def main() -> None:
 # ---- train (issue 3) -------------------------------------------------------------------------
 
 
-@app.command()
+@command()
 def train(
     recipe: str | None = typer.Argument(None, help="YAML recipe (see recipes/reference.yaml)."),
     set_: list[str] = typer.Option(
@@ -68,7 +85,7 @@ def train(
     typer.echo(f"adapters: {run_dir / 'adapters'}")
 
 
-@app.command()
+@command()
 def quickstart(
     recipe: str | None = typer.Option(
         None, "--recipe", help="Recipe (default: recipes/quickstart.yaml)."
@@ -86,7 +103,7 @@ def quickstart(
     run_quickstart(recipe, set_, quiet)
 
 
-@app.command()
+@command()
 def doctor() -> None:
     """Report the device, MLX backend, BLAS in use and memory."""
     from nrt_mlx.doctor import report
@@ -98,7 +115,7 @@ def doctor() -> None:
 # ---- convert (issue 4) -----------------------------------------------------------------------
 
 
-@app.command()
+@command()
 def convert(
     gguf: str = typer.Argument(
         ..., metavar="MODEL.gguf", help="Llama-architecture GGUF file (F32/F16/Q4_0/Q4_1/Q8_0)."
@@ -118,15 +135,14 @@ def convert(
     """Convert a GGUF file (llama.cpp, Ollama, LM Studio) into an mlx-lm model directory."""
     from nrt_mlx.convert import convert_gguf
 
-    with _OneLineErrors():
-        out = convert_gguf(gguf, out_dir, dequantize=dequantize, dtype=dtype)
+    out = convert_gguf(gguf, out_dir, dequantize=dequantize, dtype=dtype)
     typer.echo(str(out))
 
 
 # ---- fuse / upload (issue 5) -----------------------------------------------------------------
 
 
-@app.command()
+@command()
 def fuse(
     run_dir: str = typer.Argument(..., help="Run directory written by 'nrt-mlx train'."),
     out_dir: str = typer.Argument(..., help="Directory to write the standalone mlx-lm model to."),
@@ -167,7 +183,7 @@ def fuse(
         _upload_or_list(out, upload_repo, private, dry_run=False)
 
 
-@app.command()
+@command()
 def upload(
     out_dir: str = typer.Argument(..., help="Model directory written by 'nrt-mlx fuse'."),
     repo_id: str = typer.Argument(..., help="Hugging Face repo id, owner/name."),
@@ -199,18 +215,6 @@ def _upload_or_list(folder: str, repo_id: str, private: bool, dry_run: bool) -> 
 # ---- eval / plot / score / compare (issue 6) -------------------------------------------------
 
 
-class _OneLineErrors:
-    """NrtError -> 'error: ...' and exit 2 inside the command, so CliRunner sees it too."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, err: BaseException | None, tb: object) -> bool:
-        if isinstance(err, NrtError):
-            fail(str(err))
-        return False
-
-
 def _print(renderables: list) -> None:
     """rich tables to stdout, in colour on a terminal."""
     from rich.console import Console
@@ -220,7 +224,7 @@ def _print(renderables: list) -> None:
         console.print(item)
 
 
-@app.command("eval")
+@command("eval")
 def eval_(
     data: str = typer.Option(
         ..., "--data", help="JSONL of question/answer records (optional 'options')."
@@ -257,31 +261,30 @@ def eval_(
     from nrt_mlx.evaluate import config_from_run, evaluate, find_adapters, load_for_eval
     from nrt_mlx.recipe import DataConfig
 
-    with _OneLineErrors():
-        source = find_adapters(adapter) if adapter else None
-        recipe = source.recipe if source else None
-        # The run's data section: same field names and system prompt as in training.
-        dataset = load_jsonl(data, recipe.data if recipe else DataConfig(), "--data")
-        cfg = config_from_run(
-            source,
-            samples=samples,
-            max_think_tokens=max_think,
-            max_questions=max_questions,
-            max_answer_tokens=max_answer,
-            seed=seed,
-            marker=marker,
-            generate=not no_generate,
-        )
-        loaded = load_for_eval(model, source)
-        report = evaluate(loaded.model, loaded.tokenizer, dataset.examples, cfg)
-        path = report.to_json(out)
+    source = find_adapters(adapter) if adapter else None
+    recipe = source.recipe if source else None
+    # The run's data section: same field names and system prompt as in training.
+    dataset = load_jsonl(data, recipe.data if recipe else DataConfig(), "--data")
+    cfg = config_from_run(
+        source,
+        samples=samples,
+        max_think_tokens=max_think,
+        max_questions=max_questions,
+        max_answer_tokens=max_answer,
+        seed=seed,
+        marker=marker,
+        generate=not no_generate,
+    )
+    loaded = load_for_eval(model, source)
+    report = evaluate(loaded.model, loaded.tokenizer, dataset.examples, cfg)
+    path = report.to_json(out)
     from rich.console import Console
 
     _print(report.tables(width=Console().width))
     typer.echo(f"report written to {path}")
 
 
-@app.command()
+@command()
 def score(
     question: str = typer.Option(..., "--question", help="The question (one user turn)."),
     answer: str = typer.Option(..., "--answer", help="The reference answer to score."),
@@ -311,28 +314,27 @@ def score(
 
     if samples < 1:
         fail("--samples must be at least 1")
-    with _OneLineErrors():
-        source = find_adapters(adapter) if adapter else None
-        loaded = load_for_eval(model, source)
-        cfg = config_from_run(source, max_think_tokens=max_think, marker=marker)
-        rollout = RolloutConfig(
-            samples=samples,
-            max_think_tokens=cfg.max_think_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            marker=cfg.marker,
-            think_prefix=cfg.think_prefix,
-        )
-        report = score_answer(
-            loaded.model, loaded.tokenizer, question, answer, trace or None, rollout, seed
-        )
+    source = find_adapters(adapter) if adapter else None
+    loaded = load_for_eval(model, source)
+    cfg = config_from_run(source, max_think_tokens=max_think, marker=marker)
+    rollout = RolloutConfig(
+        samples=samples,
+        max_think_tokens=cfg.max_think_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        marker=cfg.marker,
+        think_prefix=cfg.think_prefix,
+    )
+    report = score_answer(
+        loaded.model, loaded.tokenizer, question, answer, trace or None, rollout, seed
+    )
     if as_json:
         typer.echo(report.to_json())
     else:
         _print(report.tables())
 
 
-@app.command()
+@command()
 def plot(
     run_dirs: list[str] = typer.Argument(..., help="One or more run directories (overlaid)."),
     out: str | None = typer.Option(
@@ -342,12 +344,11 @@ def plot(
     """One PNG of reward, answer NLL, trace length, entropy and eval metrics over steps."""
     from nrt_mlx.plot import plot_runs
 
-    with _OneLineErrors():
-        path = plot_runs(run_dirs, out)
+    path = plot_runs(run_dirs, out)
     typer.echo(f"plot written to {path}")
 
 
-@app.command()
+@command()
 def compare(
     run_dirs: list[str] = typer.Argument(..., help="Run directories to compare."),
     last: int = typer.Option(
@@ -360,8 +361,7 @@ def compare(
 
     if last < 1:
         fail("--last must be at least 1")
-    with _OneLineErrors():
-        rows = compare_runs(run_dirs, last)
+    rows = compare_runs(run_dirs, last)
     if as_json:
         typer.echo(rows_to_json(rows))
     else:
