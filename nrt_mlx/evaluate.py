@@ -576,9 +576,10 @@ def find_adapters(path: str | Path) -> AdapterSource:
 def load_for_eval(model_path: str | None, source: AdapterSource | None = None) -> Any:
     """Load the base model (``model_path``, else the run's model.path) with the adapters applied.
 
-    Returns the ``LoadedModel``. The adapters are applied by mlx-lm's own ``load_adapters``.
+    Returns the ``LoadedModel``. With adapters, the base loads as their run did (same
+    quantization), and every adapter weight must be in the file (``model.apply_adapters``).
     """
-    from nrt_mlx.model import load_model
+    from nrt_mlx.model import apply_adapters, load_model, load_trained_base
     from nrt_mlx.recipe import ModelConfig
 
     path = model_path or (source.base_model if source else "")
@@ -586,19 +587,13 @@ def load_for_eval(model_path: str | None, source: AdapterSource | None = None) -
         raise NrtError(
             "missing --model: the base model directory (or an --adapter run whose recipe names it)"
         )
-    loaded = load_model(ModelConfig(path=path))
-    if source is not None:
-        from mlx_lm.tuner.utils import load_adapters
-
-        try:
-            load_adapters(loaded.model, str(source.adapter_dir))
-        except (ValueError, KeyError, FileNotFoundError) as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise NrtError(
-                f"--adapter {source.adapter_dir}: does not fit model {path}: {first}"
-            ) from None
-        mx.eval(loaded.model.parameters())
-    loaded.model.eval()
+    if source is None:
+        loaded = load_model(ModelConfig(path=path))
+        loaded.model.eval()
+        return loaded
+    cfg = source.recipe.model if source.recipe is not None else ModelConfig(quantize="none")
+    loaded = load_trained_base(replace(cfg, path=path), source.adapter_config)
+    apply_adapters(loaded.model, source.adapter_dir)
     return loaded
 
 

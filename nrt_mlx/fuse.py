@@ -22,9 +22,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from nrt_mlx.errors import NrtError
+from nrt_mlx.errors import NrtError, first_line
 from nrt_mlx.io import atomic_dir
-from nrt_mlx.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoadedModel, load_model
+from nrt_mlx.model import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoadedModel,
+    apply_adapters,
+    load_trained_base,
+)
 from nrt_mlx.recipe import Recipe, load_recipe
 from nrt_mlx.rundir import RunDir
 
@@ -48,8 +54,6 @@ TOKENIZER_PATTERNS = (
     "generation_config.json",
     "*.py",
 )
-
-_ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 
 
 def fuse_run(
@@ -75,7 +79,7 @@ def fuse_run(
     out = Path(out_dir)
     check_out_dir(out, [run.root, Path(recipe.model.path).expanduser()])
 
-    loaded = load_base(recipe, adapter_cfg)
+    loaded = load_trained_base(recipe.model, adapter_cfg)
     check_out_dir(out, [loaded.local_path])
     if export_gguf:
         check_gguf_exportable(loaded, dequantize)
@@ -172,73 +176,6 @@ def check_out_dir(out: Path, protected: list[Path]) -> None:
 
 
 # ---- the base model and the fuse -------------------------------------------------------------
-
-
-def load_base(recipe: Recipe, adapter_cfg: dict[str, Any]) -> LoadedModel:
-    """Load the base as the run did: same checkpoint, same quantization (or none)."""
-    cfg = copy.deepcopy(recipe.model)
-    if not cfg.path:
-        cfg.path = str(adapter_cfg.get("base_model") or "")
-    bits = _run_bits(recipe, adapter_cfg)
-    cfg.quantize = bits if bits is not None else "none"
-    loaded = load_model(cfg)
-    if bits is None and loaded.bits is not None:
-        # The run dequantized a quantized checkpoint (``quantize: auto`` on the CPU backend).
-        from mlx_lm.utils import dequantize_model
-
-        loaded.model = dequantize_model(loaded.model)
-        loaded.config.pop("quantization", None)
-        loaded.config.pop("quantization_config", None)
-        loaded.bits = None
-    if loaded.bits != bits:
-        raise NrtError(
-            f"{cfg.path}: the base loads with {_bits_text(loaded.bits)} weights but the run trained "
-            f"on {_bits_text(bits)}; point model.path in the run's recipe.yaml at the base it used"
-        )
-    return loaded
-
-
-def _run_bits(recipe: Recipe, adapter_cfg: dict[str, Any]) -> int | None:
-    """Quantization the run trained with: the adapter config records it, the recipe as fallback."""
-    if "base_quantization_bits" in adapter_cfg:
-        bits = adapter_cfg["base_quantization_bits"]
-        return int(bits) if bits is not None else None
-    q = recipe.model.quantize
-    if q == "auto":
-        raise NrtError(
-            "recipe.yaml: model.quantize is 'auto' and the adapter config does not say which "
-            "quantization the run used; set model.quantize to none or the bit width it trained with"
-        )
-    return None if q == "none" else int(q)
-
-
-def _bits_text(bits: int | None) -> str:
-    return "dense" if bits is None else f"{bits}-bit"
-
-
-def apply_adapters(model: nn.Module, adapter_dir: Path) -> None:
-    """Rebuild the adapter layers from ``adapter_config.json`` and load every adapter weight."""
-    from mlx_lm.utils import load_adapters
-
-    weights_file = adapter_dir / ADAPTER_WEIGHTS
-    try:
-        load_adapters(model, str(adapter_dir))
-    except (ValueError, KeyError, TypeError) as err:
-        raise NrtError(
-            f"{weights_file}: the adapters do not fit the base model ({_first_line(err)})"
-        ) from None
-    # mlx-lm loads non-strictly; an adapter left at its initial value would fuse silently.
-    saved = set(mx.load(str(weights_file)))
-    expected = [
-        k for k, _ in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in _ADAPTER_LEAVES
-    ]
-    missing = [k for k in expected if k not in saved]
-    if missing:
-        raise NrtError(
-            f"{weights_file}: {len(missing)} adapter weights are missing (e.g. {missing[0]}); "
-            "the file is incomplete or belongs to another run"
-        )
-    model.eval()
 
 
 def fuse_adapters(model: nn.Module, dequantize: bool) -> int:
@@ -374,7 +311,7 @@ def write_gguf(directory: Path, model: nn.Module, config: dict[str, Any]) -> str
             convert_to_gguf(directory, weights, gguf_config, str(directory / GGUF_FILE))
     except (ValueError, KeyError, NotImplementedError) as err:
         raise NrtError(
-            f"--export-gguf: mlx-lm could not export this model ({_first_line(err)})"
+            f"--export-gguf: mlx-lm could not export this model ({first_line(err)})"
         ) from None
     return GGUF_FILE
 
@@ -404,10 +341,3 @@ def _write_card(
         gguf_file=gguf_file,
     )
     atomic_write_text(directory / "README.md", render_model_card(inputs))
-
-
-def _first_line(err: BaseException) -> str:
-    """The gist of a library error on one line: its first two lines, whitespace squeezed."""
-    lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()]
-    text = "; ".join(lines[:2]) or type(err).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def atomic_dir(final: str | Path) -> tuple[Path, callable]:
+def atomic_dir(final: str | Path) -> tuple[Path, Callable[[], Path]]:
     """A temporary directory beside ``final`` and a function that moves it into place.
 
     Files are written into the temporary directory; ``commit()`` renames it over ``final`` (an

@@ -16,11 +16,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from nrt_mlx.errors import NrtError
+from nrt_mlx.errors import NrtError, first_line
 from nrt_mlx.recipe import LoraConfig, ModelConfig
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_LEAVES = ("lora_a", "lora_b", "m")  # parameter names of LoRA/DoRA layers
 
 
 @dataclass
@@ -195,20 +196,19 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
+def write_adapters_into(model: nn.Module, config: dict, directory: Path) -> None:
+    """Write the adapter files into an existing (temporary) directory, e.g. a checkpoint."""
+    mx.save_safetensors(str(directory / ADAPTER_WEIGHTS), adapter_weights(model))
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
 def save_adapters(model: nn.Module, config: dict, directory: str | Path) -> Path:
     """Write adapters.safetensors + adapter_config.json into ``directory`` (atomically, as a dir)."""
     from nrt_mlx.io import atomic_dir
 
     tmp, commit = atomic_dir(directory)
-    mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), adapter_weights(model))
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    write_adapters_into(model, config, tmp)
     return commit()
-
-
-def write_adapters_into(model: nn.Module, config: dict, directory: Path) -> None:
-    """Write the adapter files into an existing (temporary) directory, e.g. a checkpoint."""
-    mx.save_safetensors(str(directory / ADAPTER_WEIGHTS), adapter_weights(model))
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
@@ -218,3 +218,69 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
         raise NrtError(f"{path}: adapter weights not found")
     model.load_weights(str(path), strict=False)
     mx.eval(model.parameters())
+
+
+# ---- a base with trained adapters (fuse, eval) -------------------------------------------------
+
+
+def trained_bits(adapter_cfg: dict[str, Any], quantize: str | int) -> int | None:
+    """Quantization the adapters were trained on: adapter_config.json records it (nrt-mlx writes
+    ``base_quantization_bits``); else the recipe's resolved ``model.quantize``."""
+    if "base_quantization_bits" in adapter_cfg:
+        bits = adapter_cfg["base_quantization_bits"]
+        return int(bits) if bits is not None else None
+    if quantize == "auto":
+        raise NrtError(
+            "recipe.yaml: model.quantize is 'auto' and the adapter config does not say which "
+            "quantization the run used; set model.quantize to none or the bit width it trained with"
+        )
+    return None if quantize == "none" else int(quantize)
+
+
+def load_trained_base(cfg: ModelConfig, adapter_cfg: dict[str, Any]) -> LoadedModel:
+    """Load the base as the run did: same checkpoint (``cfg.path``, else adapter_config's
+    base_model) and the quantization the adapters were trained on (or none)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    if not cfg.path:
+        cfg.path = str(adapter_cfg.get("base_model") or "")
+    bits = trained_bits(adapter_cfg, cfg.quantize)
+    cfg.quantize = bits if bits is not None else "none"
+    loaded = load_model(cfg)
+    if loaded.bits != bits:
+        raise NrtError(
+            f"{cfg.path}: the base loads with {_bits_text(loaded.bits)} weights but the run trained "
+            f"on {_bits_text(bits)}; point model.path in the run's recipe.yaml at the base it used"
+        )
+    return loaded
+
+
+def _bits_text(bits: int | None) -> str:
+    return "dense" if bits is None else f"{bits}-bit"
+
+
+def apply_adapters(model: nn.Module, adapter_dir: Path) -> None:
+    """Rebuild the adapter layers from ``adapter_config.json`` and load every adapter weight."""
+    from mlx_lm.utils import load_adapters
+
+    weights_file = adapter_dir / ADAPTER_WEIGHTS
+    try:
+        load_adapters(model, str(adapter_dir))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+        raise NrtError(
+            f"{weights_file}: the adapters do not fit the base model ({first_line(err)})"
+        ) from None
+    # mlx-lm loads non-strictly; an adapter left at its initial value would be used silently.
+    saved = set(mx.load(str(weights_file)))
+    expected = [
+        k for k, _ in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES
+    ]
+    missing = [k for k in expected if k not in saved]
+    if missing:
+        raise NrtError(
+            f"{weights_file}: {len(missing)} adapter weights are missing (e.g. {missing[0]}); "
+            "the file is incomplete or belongs to another run"
+        )
+    mx.eval(model.parameters())
+    model.eval()

@@ -26,7 +26,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from nrt_mlx.errors import NrtError
 from nrt_mlx.io import append_jsonl, atomic_dir, atomic_write_text
-from nrt_mlx.model import load_adapter_weights, save_adapters, write_adapters_into
+from nrt_mlx.model import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    load_adapter_weights,
+    write_adapters_into,
+)
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -107,7 +112,11 @@ class RunDir:
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         path = commit()
-        save_adapters(model, adapter_config, self.adapters)
+        # The latest adapters are the checkpoint's: copy the files rather than serialise again.
+        tmp, commit_latest = atomic_dir(self.adapters)
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            shutil.copy2(path / name, tmp / name)
+        commit_latest()
         if keep > 0:
             for old in self.list_checkpoints()[:-keep]:
                 shutil.rmtree(self.checkpoint_dir(old), ignore_errors=True)
