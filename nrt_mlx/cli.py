@@ -121,7 +121,9 @@ def convert(
         ..., metavar="MODEL.gguf", help="Llama-architecture GGUF file (F32/F16/Q4_0/Q4_1/Q8_0)."
     ),
     out_dir: str = typer.Argument(
-        ..., metavar="OUT_DIR", help="mlx-lm model directory to write (replaced if it exists)."
+        ...,
+        metavar="OUT_DIR",
+        help="mlx-lm model directory to write (an earlier conversion there is replaced).",
     ),
     dequantize: bool = typer.Option(
         False, "--dequantize", help="Write dense weights, not quantized ones."

@@ -29,7 +29,7 @@ from typing import Any
 
 from nrt_mlx.errors import NrtError
 from nrt_mlx.gguf import QUANT_GROUP_SIZE, GGUFFile, load_tensors, read_gguf
-from nrt_mlx.io import atomic_dir
+from nrt_mlx.io import atomic_dir, check_replaceable
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_SHARD_BYTES = 5 * 1024**3  # mlx-lm's shard size
@@ -84,10 +84,12 @@ def convert_gguf(
     of every floating tensor written: dense weights, norms, and the scales and biases of quantized
     weights; by default float16 on a GPU (Metal, CUDA) and float32 on the CPU backend (see
     ``default_dtype``). The directory is built beside ``out_dir`` and renamed into place,
-    so it is never seen half-written; an existing ``out_dir`` is replaced.
+    so it is never seen half-written. An existing ``out_dir`` is replaced only when it is empty or
+    an earlier conversion (its config.json names its GGUF under ``CONVERTED_KEY``).
     """
     dtype = _check_dtype(dtype)
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, _is_conversion, "a model converted by nrt-mlx")
     gguf = read_gguf(gguf_path)
     arrays = load_tensors(gguf)
     config = model_config(gguf, arrays)
@@ -97,6 +99,7 @@ def convert_gguf(
         config["quantization"] = quantization_config(quantized, weights)
         config["quantization_config"] = config["quantization"]
     config["torch_dtype"] = dtype
+    config[CONVERTED_KEY] = Path(gguf_path).name
     tmp, commit = atomic_dir(out_dir)
     try:
         _chmod_like_mkdir(tmp)
@@ -109,6 +112,17 @@ def convert_gguf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# config.json key naming the source GGUF: marks a directory convert may replace on a rerun.
+CONVERTED_KEY = "nrt_mlx_converted_from"
+
+
+def _is_conversion(directory: Path) -> bool:
+    try:
+        return CONVERTED_KEY in json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def default_dtype() -> str:

@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from nrt_mlx.errors import NrtError, first_line
-from nrt_mlx.io import atomic_dir
+from nrt_mlx.io import atomic_dir, check_replaceable
 from nrt_mlx.model import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -163,16 +163,9 @@ def check_out_dir(out: Path, protected: list[Path]) -> None:
             raise NrtError(
                 f"{out}: writing there would replace {path}; choose another output directory"
             )
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise NrtError(f"{out}: exists and is not a directory; choose another output directory")
     from nrt_mlx.card import is_nrt_model_card
 
-    if any(out.iterdir()) and not is_nrt_model_card(out / "README.md"):
-        raise NrtError(
-            f"{out}: exists and is not a model fused by nrt-mlx; choose a new directory or empty it"
-        )
+    check_replaceable(out, lambda d: is_nrt_model_card(d / "README.md"), "a model fused by nrt-mlx")
 
 
 # ---- the base model and the fuse -------------------------------------------------------------

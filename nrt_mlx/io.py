@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nrt_mlx.errors import NrtError
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, fsync it, then rename over ``path``."""
@@ -63,3 +65,14 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def check_replaceable(out: Path, is_ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse to write a directory over user data: ``out`` may be missing, empty, or an earlier
+    output of the same command (``is_ours``); ``what`` names that output in the error."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NrtError(f"{out}: exists and is not a directory; choose another output directory")
+    if any(out.iterdir()) and not is_ours(out):
+        raise NrtError(f"{out}: exists and is not {what}; choose a new directory or empty it")

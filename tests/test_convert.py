@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import regex
 
+from nrt_mlx.convert import convert_gguf
 from nrt_mlx.errors import NrtError
 
 # ================================================================================================
@@ -685,8 +686,7 @@ def test_conversion_is_atomic(
 ) -> None:
     import nrt_mlx.convert as convert
 
-    out = tmp_path / "model"
-    out.mkdir()
+    out = convert.convert_gguf(tiny_gguf, tmp_path / "model")  # an earlier conversion
     (out / "keep.txt").write_text("old")
 
     def broken(*args: Any, **kwargs: Any) -> None:
@@ -941,3 +941,16 @@ def test_sentencepiece_vocabulary(tmp_path: Path) -> None:
         if "</s>" not in text:
             assert fast.decode(expected, skip_special_tokens=True) == text
     assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is True
+
+
+def test_convert_never_replaces_a_foreign_directory(tiny_gguf: Path, tmp_path: Path) -> None:
+    """A non-empty OUT_DIR that is not an earlier conversion is refused and left untouched."""
+    path = tiny_gguf
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my work")
+    with pytest.raises(NrtError, match="not a model converted by nrt-mlx"):
+        convert_gguf(path, mine)
+    assert (mine / "notes.txt").read_text() == "my work"
+    out = convert_gguf(path, tmp_path / "out")
+    assert convert_gguf(path, out) == out  # an earlier conversion may be replaced
