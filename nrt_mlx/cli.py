@@ -135,7 +135,7 @@ def convert(
     ),
 ) -> None:
     """Convert a GGUF file (llama.cpp, Ollama, LM Studio) into an mlx-lm model directory."""
-    from nrt_mlx.convert import convert_gguf
+    from nrt_mlx.export.convert import convert_gguf
 
     out = convert_gguf(gguf, out_dir, dequantize=dequantize, dtype=dtype)
     typer.echo(str(out))
@@ -165,10 +165,10 @@ def fuse(
     private: bool = typer.Option(False, "--private", help="Create the uploaded repo as private."),
 ) -> None:
     """Merge a run's LoRA/DoRA adapters into the base: a model mlx_lm.generate runs as is."""
-    from nrt_mlx.fuse import fuse_run
+    from nrt_mlx.export.fuse import fuse_run
 
     if upload_repo:
-        from nrt_mlx.hub import check_repo_id
+        from nrt_mlx.export.hub import check_repo_id
 
         check_repo_id(upload_repo)  # fail before minutes of fusing, not after
     out = fuse_run(
@@ -200,7 +200,7 @@ def upload(
 
 def _upload_or_list(folder: str, repo_id: str, private: bool, dry_run: bool) -> None:
     """Upload (or list) the folder; stdout gets exactly the file list, notes go to stderr."""
-    from nrt_mlx.hub import hub_endpoint, upload_folder_to_hub
+    from nrt_mlx.export.hub import hub_endpoint, upload_folder_to_hub
 
     files = upload_folder_to_hub(folder, repo_id, private=private, dry_run=dry_run)
     for name in files:
@@ -312,7 +312,7 @@ def score(
     """Per answer token: c_i, b_i and the weighted-sum weights; every aggregator's trace reward."""
     from nrt_mlx.evaluate import config_from_run, find_adapters, load_for_eval
     from nrt_mlx.recipe import RolloutConfig
-    from nrt_mlx.score import score_answer
+    from nrt_mlx.analysis.token_rewards import score_answer
 
     if samples < 1:
         fail("--samples must be at least 1")
@@ -344,7 +344,7 @@ def plot(
     ),
 ) -> None:
     """One PNG of reward, answer NLL, trace length, entropy and eval metrics over steps."""
-    from nrt_mlx.plot import plot_runs
+    from nrt_mlx.analysis.plot import plot_runs
 
     path = plot_runs(run_dirs, out)
     typer.echo(f"plot written to {path}")
@@ -359,7 +359,7 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """One table of several runs' final training metrics and latest eval results."""
-    from nrt_mlx.compare import compare_runs, compare_table, rows_to_json
+    from nrt_mlx.analysis.compare import compare_runs, compare_table, rows_to_json
 
     if last < 1:
         fail("--last must be at least 1")

@@ -91,7 +91,7 @@ class EvalReport:
 
     def to_json(self, path: str | Path) -> Path:
         """Write the report (summary, config, per-question figures and generations) as JSON."""
-        from nrt_mlx.io import atomic_write_text
+        from nrt_mlx.fileio import atomic_write_text
 
         path = Path(path)
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")

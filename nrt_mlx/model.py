@@ -204,7 +204,7 @@ def write_adapters_into(model: nn.Module, config: dict, directory: Path) -> None
 
 def save_adapters(model: nn.Module, config: dict, directory: str | Path) -> Path:
     """Write adapters.safetensors + adapter_config.json into ``directory`` (atomically, as a dir)."""
-    from nrt_mlx.io import atomic_dir
+    from nrt_mlx.fileio import atomic_dir
 
     tmp, commit = atomic_dir(directory)
     write_adapters_into(model, config, tmp)

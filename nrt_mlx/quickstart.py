@@ -1,6 +1,6 @@
 """``nrt-mlx quickstart``: real NRT training on a real model, with nothing to download by hand.
 
-Gets the offline SmolLM2-135M-Instruct (``nrt_mlx.default_model``), trains with
+Gets the offline SmolLM2-135M-Instruct (``nrt_mlx.export.default_model``), trains with
 ``recipes/quickstart.yaml`` on the bundled data, and prints the held-out answer log-likelihood
 before and after training, and a few sample traces.
 """
@@ -31,7 +31,7 @@ def run_quickstart(
     eval_questions: int = 12,
 ) -> Path:
     """Train the quickstart recipe on the default model; returns the run directory."""
-    from nrt_mlx.default_model import default_model_dir
+    from nrt_mlx.export.default_model import default_model_dir
     from nrt_mlx.evaluate import eval_config, evaluate
     from nrt_mlx.trainer import run_training, start_run
 

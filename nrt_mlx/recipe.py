@@ -316,6 +316,6 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the resolved recipe as YAML (atomically)."""
-    from nrt_mlx.io import atomic_write_text
+    from nrt_mlx.fileio import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

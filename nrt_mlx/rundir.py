@@ -25,7 +25,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from nrt_mlx.errors import NrtError
-from nrt_mlx.io import append_jsonl, atomic_dir, atomic_write_text
+from nrt_mlx.fileio import append_jsonl, atomic_dir, atomic_write_text
 from nrt_mlx.model import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

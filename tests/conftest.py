@@ -1,6 +1,6 @@
 """Shared pytest fixtures: tiny model directories built once per test session.
 
-Each directory is a random tiny Llama with a real BPE tokenizer (``nrt_mlx.tiny``); building one
+Each directory is a random tiny Llama with a real BPE tokenizer (``tiny.py``); building one
 takes well under a second. Load them with ``mlx_lm.load(str(dir))`` inside a test or a
 module-scoped fixture, so that no test sees weights another test changed.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nrt_mlx.tiny import TinySpec, build_tiny_model
+from tiny import TinySpec, build_tiny_model
 
 
 @pytest.fixture(scope="session")

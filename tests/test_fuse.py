@@ -20,7 +20,7 @@ import yaml
 from helpers import run_cli
 
 from nrt_mlx.errors import NrtError
-from nrt_mlx.fuse import fuse_run
+from nrt_mlx.export.fuse import fuse_run
 from nrt_mlx.model import add_adapters, load_adapter_weights, load_model
 from nrt_mlx.recipe import ModelConfig, load_recipe
 
@@ -207,7 +207,7 @@ def test_card_usage_snippet_runs(dense_fused, monkeypatch: pytest.MonkeyPatch, c
 def test_card_names_hub_base_models_and_datasets_only(tmp_path: Path, dense_fused) -> None:
     from huggingface_hub import ModelCard
 
-    from nrt_mlx.card import CardInputs, hub_repo_id, render_model_card
+    from nrt_mlx.export.card import CardInputs, hub_repo_id, render_model_card
 
     run, _ = dense_fused
     snapshot = tmp_path / "hub" / "models--acme--tiny-base" / "snapshots" / "0123abc"

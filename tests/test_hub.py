@@ -24,7 +24,7 @@ import pytest
 from helpers import run_cli
 
 from nrt_mlx.errors import NrtError
-from nrt_mlx.hub import files_to_upload, hub_error, upload_folder_to_hub
+from nrt_mlx.export.hub import files_to_upload, hub_error, upload_folder_to_hub
 
 REPO = "alice/tiny-nrt"
 

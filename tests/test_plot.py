@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from nrt_mlx.cli import app
-from nrt_mlx.compare import compare_runs, load_runs
+from nrt_mlx.analysis.compare import compare_runs, load_runs
 from nrt_mlx.errors import NrtError
-from nrt_mlx.plot import build_figure, plot_runs
+from nrt_mlx.analysis.plot import build_figure, plot_runs
 
 TRAIN_PANELS = {"reward", "trace length", "trace entropy"}
 

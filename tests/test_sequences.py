@@ -23,7 +23,7 @@ from nrt_mlx.sequences import (
     resolve_marker,
     sft_rows,
 )
-from nrt_mlx.tiny import CHATML_TEMPLATE
+from tiny import CHATML_TEMPLATE
 
 CHAT = [
     {"role": "system", "content": "You are terse."},

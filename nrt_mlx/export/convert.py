@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from nrt_mlx.errors import NrtError
-from nrt_mlx.gguf import QUANT_GROUP_SIZE, GGUFFile, load_tensors, read_gguf
-from nrt_mlx.io import atomic_dir, check_replaceable
+from nrt_mlx.export.gguf import QUANT_GROUP_SIZE, GGUFFile, load_tensors, read_gguf
+from nrt_mlx.fileio import atomic_dir, check_replaceable
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_SHARD_BYTES = 5 * 1024**3  # mlx-lm's shard size

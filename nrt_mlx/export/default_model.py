@@ -45,7 +45,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     """The converted SmolLM2-135M-Instruct directory, fetching and converting it on first use."""
-    from nrt_mlx.convert import convert_gguf
+    from nrt_mlx.export.convert import convert_gguf
 
     out = cache_root(cache_dir) / MODEL_DIR_NAME
     # The directory is renamed into place only when complete, so config.json means it is whole.

@@ -1,6 +1,6 @@
 """Several runs side by side: their final training metrics and latest evaluation in one table.
 
-Also the run-directory reading that ``nrt_mlx.plot`` shares: ``load_runs`` turns RUN_DIRs into
+Also the run-directory reading that ``nrt_mlx.analysis.plot`` shares: ``load_runs`` turns RUN_DIRs into
 per-key series of (step, value), whether the trainer logs evaluations on the step's own line or
 on lines of their own.
 """

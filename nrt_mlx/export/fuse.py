@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from nrt_mlx.errors import NrtError, first_line
-from nrt_mlx.io import atomic_dir, check_replaceable
+from nrt_mlx.fileio import atomic_dir, check_replaceable
 from nrt_mlx.model import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -163,7 +163,7 @@ def check_out_dir(out: Path, protected: list[Path]) -> None:
             raise NrtError(
                 f"{out}: writing there would replace {path}; choose another output directory"
             )
-    from nrt_mlx.card import is_nrt_model_card
+    from nrt_mlx.export.card import is_nrt_model_card
 
     check_replaceable(out, lambda d: is_nrt_model_card(d / "README.md"), "a model fused by nrt-mlx")
 
@@ -320,8 +320,8 @@ def _write_card(
     repo_id: str,
     gguf_file: str | None,
 ) -> None:
-    from nrt_mlx.card import CardInputs, render_model_card
-    from nrt_mlx.io import atomic_write_text
+    from nrt_mlx.export.card import CardInputs, render_model_card
+    from nrt_mlx.fileio import atomic_write_text
 
     inputs = CardInputs(
         recipe=recipe,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nrt_mlx.compare import RunLog, load_runs
+from nrt_mlx.analysis.compare import RunLog, load_runs
 from nrt_mlx.errors import NrtError
 
 
