@@ -310,9 +310,9 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Per answer token: c_i, b_i and the weighted-sum weights; every aggregator's trace reward."""
+    from nrt_mlx.analysis.token_rewards import score_answer
     from nrt_mlx.evaluate import config_from_run, find_adapters, load_for_eval
     from nrt_mlx.recipe import RolloutConfig
-    from nrt_mlx.analysis.token_rewards import score_answer
 
     if samples < 1:
         fail("--samples must be at least 1")

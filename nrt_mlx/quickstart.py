@@ -31,8 +31,8 @@ def run_quickstart(
     eval_questions: int = 12,
 ) -> Path:
     """Train the quickstart recipe on the default model; returns the run directory."""
-    from nrt_mlx.export.default_model import default_model_dir
     from nrt_mlx.evaluate import eval_config, evaluate
+    from nrt_mlx.export.default_model import default_model_dir
     from nrt_mlx.trainer import run_training, start_run
 
     path = Path(recipe_path) if recipe_path else DEFAULT_RECIPE

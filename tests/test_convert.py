@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import regex
 
-from nrt_mlx.export.convert import convert_gguf
 from nrt_mlx.errors import NrtError
+from nrt_mlx.export.convert import convert_gguf
 
 # ================================================================================================
 # An independent GGUF writer and reader

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from nrt_mlx.cli import app
 from nrt_mlx.analysis.compare import compare_runs, load_runs
-from nrt_mlx.errors import NrtError
 from nrt_mlx.analysis.plot import build_figure, plot_runs
+from nrt_mlx.cli import app
+from nrt_mlx.errors import NrtError
 
 TRAIN_PANELS = {"reward", "trace length", "trace entropy"}
 

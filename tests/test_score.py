@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from nrt_mlx.analysis.token_rewards import score_answer
 from nrt_mlx.cli import app
 from nrt_mlx.recipe import RolloutConfig
 from nrt_mlx.rewards import AGGREGATORS, aggregate
-from nrt_mlx.analysis.token_rewards import score_answer
 from nrt_mlx.sequences import encode_answer, encode_prompt, resolve_marker
 
 QUESTION = "What is the capital of France?"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx_lm
 import numpy as np
 import pytest
+from tiny import CHATML_TEMPLATE
 
 from nrt_mlx.errors import NrtError
 from nrt_mlx.sequences import (
@@ -23,7 +24,6 @@ from nrt_mlx.sequences import (
     resolve_marker,
     sft_rows,
 )
-from tiny import CHATML_TEMPLATE
 
 CHAT = [
     {"role": "system", "content": "You are terse."},
