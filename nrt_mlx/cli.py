@@ -54,7 +54,7 @@ def main() -> None:
         sys.exit(130)
 
 
-# ---- train (issue 3) -------------------------------------------------------------------------
+# ---- train -----------------------------------------------------------------------------------
 
 
 @command()
@@ -112,7 +112,7 @@ def doctor() -> None:
         typer.echo(f"{key:>14}: {value}")
 
 
-# ---- convert (issue 4) -----------------------------------------------------------------------
+# ---- convert ---------------------------------------------------------------------------------
 
 
 @command()
@@ -141,7 +141,7 @@ def convert(
     typer.echo(str(out))
 
 
-# ---- fuse / upload (issue 5) -----------------------------------------------------------------
+# ---- fuse / upload ---------------------------------------------------------------------------
 
 
 @command()
@@ -214,7 +214,7 @@ def _upload_or_list(folder: str, repo_id: str, private: bool, dry_run: bool) -> 
         typer.echo(f"uploaded {len(files)} files to {repo_id} on {hub_endpoint()}", err=True)
 
 
-# ---- eval / plot / score / compare (issue 6) -------------------------------------------------
+# ---- eval / plot / score / compare -----------------------------------------------------------
 
 
 def _print(renderables: list) -> None:
@@ -259,16 +259,21 @@ def eval_(
     out: str = typer.Option("eval_report.json", "--out", help="Where to write the JSON report."),
 ) -> None:
     """Answer NLL with and without reasoning, generated-answer EM/F1, accuracy on options, traces."""
+    from rich.console import Console
+
+    from nrt_mlx.analysis.tables import eval_tables
     from nrt_mlx.data import load_jsonl
-    from nrt_mlx.evaluate import config_from_run, evaluate, find_adapters, load_for_eval
+    from nrt_mlx.evaluate import eval_config, evaluate, load_for_eval
     from nrt_mlx.recipe import DataConfig
+    from nrt_mlx.rundir import find_adapters
+    from nrt_mlx.vocab import Vocabulary
 
     source = find_adapters(adapter) if adapter else None
     recipe = source.recipe if source else None
     # The run's data section: same field names and system prompt as in training.
     dataset = load_jsonl(data, recipe.data if recipe else DataConfig(), "--data")
-    cfg = config_from_run(
-        source,
+    cfg = eval_config(
+        _run_rollout(source),
         samples=samples,
         max_think_tokens=max_think,
         max_questions=max_questions,
@@ -278,12 +283,22 @@ def eval_(
         generate=not no_generate,
     )
     loaded = load_for_eval(model, source)
-    report = evaluate(loaded.model, loaded.tokenizer, dataset.examples, cfg)
+    vocab = Vocabulary.of(loaded.tokenizer, cfg.rollout.marker)
+    report = evaluate(loaded.model, vocab, dataset.examples, cfg)
     path = report.to_json(out)
-    from rich.console import Console
-
-    _print(report.tables(width=Console().width))
+    _print(eval_tables(report, width=Console().width))
     typer.echo(f"report written to {path}")
+
+
+def _run_rollout(source: Any) -> Any:
+    """The rollout settings of an --adapter run (its recipe's, else its adapter_config's marker),
+    or the defaults of eval and score without one."""
+    from nrt_mlx.recipe import RolloutConfig
+    from nrt_mlx.rundir import DEFAULT_EVAL_THINK_TOKENS
+
+    if source is not None:
+        return source.rollout()
+    return RolloutConfig(max_think_tokens=DEFAULT_EVAL_THINK_TOKENS)
 
 
 @command()
@@ -310,26 +325,22 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Per answer token: c_i, b_i and the weighted-sum weights; every aggregator's trace reward."""
-    from nrt_mlx.analysis.token_rewards import score_answer
-    from nrt_mlx.evaluate import config_from_run, find_adapters, load_for_eval
-    from nrt_mlx.recipe import RolloutConfig
+    from dataclasses import replace
+
+    from nrt_mlx.analysis.token_rewards import token_rewards
+    from nrt_mlx.evaluate import load_for_eval
+    from nrt_mlx.rundir import find_adapters
+    from nrt_mlx.vocab import Vocabulary
 
     if samples < 1:
         fail("--samples must be at least 1")
     source = find_adapters(adapter) if adapter else None
     loaded = load_for_eval(model, source)
-    cfg = config_from_run(source, max_think_tokens=max_think, marker=marker)
-    rollout = RolloutConfig(
-        samples=samples,
-        max_think_tokens=cfg.max_think_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        marker=cfg.marker,
-        think_prefix=cfg.think_prefix,
-    )
-    report = score_answer(
-        loaded.model, loaded.tokenizer, question, answer, trace or None, rollout, seed
-    )
+    rollout = _run_rollout(source)
+    given = {"samples": samples, "max_think_tokens": max_think, "marker": marker}
+    rollout = replace(rollout, **{k: v for k, v in given.items() if v is not None})
+    vocab = Vocabulary.of(loaded.tokenizer, rollout.marker)
+    report = token_rewards(loaded.model, vocab, question, answer, trace or None, rollout, seed)
     if as_json:
         typer.echo(report.to_json())
     else:

@@ -1,8 +1,8 @@
-"""Policy-collapse diagnostics: distinct-n of traces and a monitor that warns once per symptom.
+"""Policy-collapse monitor: warns once per symptom when the traces shrink, freeze or repeat.
 
-NRT's known failure (../shared/NRT.md, "Policy collapse"): with the wrong aggregator the reasoning
+NRT's known failure (docs/NRT.md, "Watching for collapse"): with the wrong aggregator the reasoning
 entropy falls to zero and the traces turn short and repetitive while the reward still looks fine.
-The monitor watches four figures of the step metrics:
+The monitor watches four figures of the step metrics (``nrt_mlx.stats.trace_stats``):
 
     trace_tokens_mean   mean sampled trace length          warns below fraction x its start
     trace_entropy       mean per-token entropy on traces   warns below fraction x its start
@@ -16,7 +16,7 @@ of the last ``window`` steps, so a single noisy step neither sets the baseline n
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from nrt_mlx.errors import NrtError
@@ -30,25 +30,6 @@ _REMEDY = (
     "weighted_sum_log_prob; otherwise lower optimizer.learning_rate or resume from an earlier "
     "checkpoint (train.collapse_stop: true stops the run here)"
 )
-
-
-def distinct_n(traces: Sequence[Sequence[int]], n: int) -> float:
-    """Distinct-n over all traces together: |set of n-grams| / number of n-grams.
-
-    1.0 means no n-gram repeats anywhere; values near 0 mean the traces repeat the same few
-    n-grams (within a trace or across traces). With no n-gram at all (every trace shorter than
-    n) nothing repeats, so the result is 1.0; short traces are the length check's business.
-    """
-    if n < 1:
-        raise NrtError(f"distinct_n needs n >= 1, got {n}")
-    total = 0
-    seen: set[tuple[int, ...]] = set()
-    for trace in traces:
-        ids = tuple(trace)
-        for i in range(len(ids) - n + 1):
-            seen.add(ids[i : i + n])
-            total += 1
-    return len(seen) / total if total else 1.0
 
 
 def _number(value: Any) -> float | None:

@@ -1,7 +1,7 @@
 """Does reasoning help? Answer likelihood with and without sampled traces, and generation quality.
 
 For each question x with reference y* (T tokens, EOS included) the model samples K traces z_k
-(``nrt_mlx.rollout``), and one batched forward pass over the rows of ``nrt_mlx.sequences`` gives
+(``nrt_mlx.rollout``), and batched forward passes over the rows of ``nrt_mlx.batch`` give
 
     null_nll        = -(1/T) sum_i log p(y*_i | x, m, y*_<i)          no reasoning (null think)
     trace_nll[k]    = -(1/T) sum_i log p(y*_i | x, z_k, m, y*_<i)
@@ -12,9 +12,9 @@ Then the model writes its own answer after each trace and the marker (greedy, up
 ``max_answer_tokens``), scored against the reference by normalised exact match and token F1.
 With ``options`` (multiple choice) the pick is the option of highest likelihood, without a trace
 (log p(o | x, m)) and with the traces (log (1/K) sum_k p(o | x, z_k, m)), and the option closest
-(token F1) to each generated answer. Trace length, per-token entropy on the traces (of the
-untempered model), marker rate and distinct-2 are reported too. Everything is deterministic for a
-seed.
+(token F1) to each generated answer. The trace figures (length, marker rate, entropy per think
+token of the untempered model, distinct-2) are ``nrt_mlx.stats.trace_stats``, as in training.
+Everything is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import math
 import re
 import string
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,45 +32,41 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from nrt_mlx.collapse import distinct_n
+from nrt_mlx.batch import THINK, Row, build_rows, collate
 from nrt_mlx.data import Example
 from nrt_mlx.errors import NrtError
-from nrt_mlx.loss import answer_logprobs, forward_logprobs
-from nrt_mlx.recipe import Recipe, RolloutConfig
-from nrt_mlx.rollout import Trace, sample_traces
-from nrt_mlx.sequences import (
-    THINK,
-    AnswerMarker,
-    Row,
-    build_rows,
-    collate,
-    encode_answer,
-    encode_prompt,
-    eos_ids,
-    pad_id,
-    resolve_marker,
-)
-
-# A temperature this low turns the sampler's Gumbel-max draw into the argmax: greedy decoding.
-GREEDY_TEMPERATURE = 1e-5
-
-# A marker id no tokenizer has: the answer generation stops at EOS or at its token budget only.
-_NO_MARKER = [-1]
+from nrt_mlx.fileio import atomic_write_text
+from nrt_mlx.objective import answer_logprobs, forward
+from nrt_mlx.recipe import RolloutConfig
+from nrt_mlx.rollout import Trace, greedy_answers, sample_traces
+from nrt_mlx.stats import trace_stats
+from nrt_mlx.vocab import Vocabulary
 
 
 @dataclass
 class EvalConfig:
-    samples: int = 4  # K traces per question
-    max_think_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
+    rollout: RolloutConfig = field(
+        default_factory=RolloutConfig
+    )  # K, think budget, sampler, marker
     seed: int = 0
     max_questions: int = 0  # 0 = all
     generate: bool = True  # also let the model write its own answer after each trace
     max_answer_tokens: int = 64
-    marker: str = "auto"
-    think_prefix: str = ""
     batch_tokens: int = 2048  # padded tokens per forward pass (bounds the [B, L, V] logits)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat settings for the report: the rollout's fields beside the others."""
+        return {**vars(self.rollout), **{k: v for k, v in vars(self).items() if k != "rollout"}}
+
+
+def eval_config(rollout: RolloutConfig | None = None, **overrides: Any) -> EvalConfig:
+    """EvalConfig with a run's rollout settings (K, think budget, sampler, marker, think prefix),
+    then ``overrides`` by name, of EvalConfig or of its rollout; None keeps a value."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    rollout = rollout or RolloutConfig()
+    own = {k: v for k, v in given.items() if k in vars(rollout)}
+    rest = {k: v for k, v in given.items() if k not in own}
+    return EvalConfig(rollout=replace(rollout, **own), **rest)
 
 
 @dataclass
@@ -78,104 +74,18 @@ class EvalReport:
     summary: dict[str, float]
     questions: list[dict]
     config: dict[str, Any] = field(default_factory=dict)
-    trace_ids: list[list[list[int]]] = field(
-        default_factory=list, repr=False
-    )  # [q][k], not in JSON
-
-    def metrics(self, prefix: str = "eval_") -> dict[str, float]:
-        """The summary with prefixed keys, for metrics.jsonl."""
-        return {f"{prefix}{key}": value for key, value in self.summary.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"summary": self.summary, "config": self.config, "questions": self.questions}
 
     def to_json(self, path: str | Path) -> Path:
         """Write the report (summary, config, per-question figures and generations) as JSON."""
-        from nrt_mlx.fileio import atomic_write_text
-
         path = Path(path)
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
         return path
 
-    def tables(self, max_rows: int = 20, width: int = 120) -> list[Any]:
-        """rich Tables: the summary, then the first ``max_rows`` questions, for ``width`` columns."""
-        from rich.table import Table
 
-        summary = Table(title="evaluation", show_header=True)
-        summary.add_column("metric")
-        summary.add_column("value", justify="right")
-        for key, value in self.summary.items():
-            summary.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-        return [summary, self._question_table(max_rows, width)]
-
-    def _question_table(self, max_rows: int, width: int) -> Any:
-        """One line per question; the question text gets the width the numbers leave."""
-        from rich.table import Table
-
-        heads = ["line", "question", "null", "mean", "best", "gain", "EM", "F1", "think"]
-        rows = [
-            [
-                str(q["line"]),
-                q["question"],
-                f"{q['null_nll']:.3f}",
-                f"{q['trace_nll_mean']:.3f}",
-                f"{q['trace_nll_best']:.3f}",
-                f"{q['gain']:+.3f}",
-                _fmt(q.get("exact_match")),
-                _fmt(q.get("f1")),
-                f"{q['trace_tokens']:.0f}",
-            ]
-            for q in self.questions[:max_rows]
-        ]
-        # Each column takes its text + 2 padding + 1 border; the question gets the rest.
-        numbers = sum(
-            max(len(r[c]) for r in [heads, *rows]) + 3 for c in range(len(heads)) if c != 1
-        )
-        room = max(8, width - numbers - 4)
-        table = Table(
-            title=f"questions (first {len(rows)} of {len(self.questions)})",
-            caption="answer NLL per token: null = no trace, mean / best of the K traces; "
-            "gain = null - mean; think = mean trace tokens",
-        )
-        for c, name in enumerate(heads):
-            table.add_column(name, justify="left" if c == 1 else "right", no_wrap=c == 1)
-        for row in rows:
-            gain = float(row[5])
-            style = "green" if gain > 0 else "red" if gain < 0 else None
-            row[1] = _shorten(row[1], room)
-            table.add_row(*row[:5], f"[{style}]{row[5]}[/]" if style else row[5], *row[6:])
-        return table
-
-    def table(self, max_rows: int = 20, width: int = 120) -> str:
-        """The tables as plain text."""
-        return render_text(self.tables(max_rows, width), width)
-
-
-def render_text(renderables: list[Any], width: int = 120) -> str:
-    """rich renderables as plain text (no colour codes)."""
-    import io
-
-    from rich.console import Console
-
-    buffer = io.StringIO()
-    console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
-    for item in renderables:
-        console.print(item)
-    return buffer.getvalue()
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _shorten(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-# --------------------------------------------------------------------------------------------
-# Answer matching (SQuAD-style normalisation)
-# --------------------------------------------------------------------------------------------
+# ---- answer matching (SQuAD-style normalisation) ----------------------------------------------------
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -204,13 +114,11 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-# --------------------------------------------------------------------------------------------
-# Scoring rows: one padded forward pass per chunk
-# --------------------------------------------------------------------------------------------
+# ---- answer likelihoods: one padded forward pass per chunk of rows --------------------------------
 
 
 @dataclass
-class RowScore:
+class RowLikelihood:
     """What one forward pass tells about one row."""
 
     answer_logprobs: np.ndarray  # [T] log p of each answer token (EOS included)
@@ -245,61 +153,36 @@ def _chunks(rows: list[Row], batch_tokens: int) -> list[list[Row]]:
     return out
 
 
-def score_rows(
-    model: nn.Module, rows: list[Row], pad: int, batch_tokens: int = 2048
-) -> list[RowScore]:
-    """Answer log-probs and think-token entropy of every row, from batched forward passes.
-
-    Uses the loss's own forward (``nrt_mlx.loss``), so these are the numbers training sees.
-    Rows of different questions must carry different ``question`` ids (collate checks that the
-    rows of one id share the answer).
-    """
-    scores: list[RowScore] = []
+def row_likelihoods(
+    model: nn.Module, rows: list[Row], pad_id: int, batch_tokens: int = 2048
+) -> list[RowLikelihood]:
+    """Answer log-probs and think-token entropy of every row, from the objective's own forward
+    pass (the numbers training sees). Rows of different questions carry different ``question``
+    ids."""
+    out: list[RowLikelihood] = []
     for chunk in _chunks(rows, batch_tokens):
-        batch = collate(chunk, pad)
-        lp, ent = forward_logprobs(model, batch, with_entropy=True)
+        batch = collate(chunk, pad_id)
+        lp, ent = forward(model, batch)
         ans = answer_logprobs(lp, batch)
-        think = (batch.segments == THINK).astype(mx.float32)
-        ent_sum = (ent * think).sum(axis=-1)
-        mx.eval(ans, ent_sum)
+        think = batch.segments == THINK
+        ent_sum, n_think = mx.where(think, ent, 0.0).sum(axis=-1), think.sum(axis=-1)
+        mx.eval(ans, ent_sum, n_think)
         ans_np, mask_np = np.array(ans), np.array(batch.answer_mask) > 0
-        ent_np, think_np = np.array(ent_sum), np.array(think.sum(axis=-1))
         for b in range(len(chunk)):
-            scores.append(RowScore(ans_np[b][mask_np[b]], float(ent_np[b]), int(think_np[b])))
-    return scores
+            out.append(RowLikelihood(ans_np[b][mask_np[b]], float(ent_sum[b]), int(n_think[b])))
+    return out
 
 
-def trace_rows(
-    prompt: list[int], traces: list[Trace], marker: AnswerMarker, answer: list[int], group: int
-) -> list[Row]:
-    """K rows [prompt | z_k | m | answer] and the null row last; long enough never to cut z."""
-    longest = max((len(t.tokens) for t in traces), default=0)
-    max_length = len(prompt) + longest + len(marker.ids) + len(answer)
-    return build_rows(
-        prompt,
-        [t.tokens for t in traces],
-        marker,
-        answer,
-        group,
-        [t.emitted_marker for t in traces],
-        max_length,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
+# ---- evaluation -----------------------------------------------------------------------------------
 
 
 def _check_config(cfg: EvalConfig) -> None:
+    r = cfg.rollout
     checks = [
-        (cfg.samples >= 1, f"samples must be at least 1, got {cfg.samples}"),
-        (
-            cfg.max_think_tokens >= 1,
-            f"max_think_tokens must be at least 1, got {cfg.max_think_tokens}",
-        ),
-        (cfg.temperature > 0, f"temperature must be > 0, got {cfg.temperature}"),
-        (0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got {cfg.top_p}"),
+        (r.samples >= 1, f"samples must be at least 1, got {r.samples}"),
+        (r.max_think_tokens >= 1, f"max_think_tokens must be at least 1, got {r.max_think_tokens}"),
+        (r.temperature > 0, f"temperature must be > 0, got {r.temperature}"),
+        (0 < r.top_p <= 1, f"top_p must be in (0, 1], got {r.top_p}"),
         (cfg.max_questions >= 0, f"max_questions must be >= 0 (0 = all), got {cfg.max_questions}"),
         (
             cfg.max_answer_tokens >= 1,
@@ -310,25 +193,6 @@ def _check_config(cfg: EvalConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise NrtError(f"eval: {message}")
-
-
-def _generate_answers(
-    model: nn.Module,
-    prompts: list[list[int]],
-    traces: list[list[Trace]],
-    marker: AnswerMarker,
-    eos: set[int],
-    cfg: EvalConfig,
-    key: mx.array,
-) -> list[list[list[int]]]:
-    """Greedy answer ids after [prompt | z_k | m] for every trace, in one batched generation."""
-    contexts = [p + t.tokens + marker.ids for p, group in zip(prompts, traces) for t in group]
-    greedy = RolloutConfig(
-        samples=1, max_think_tokens=cfg.max_answer_tokens, temperature=GREEDY_TEMPERATURE
-    )
-    out, _ = sample_traces(model, contexts, greedy, _NO_MARKER, eos, key, samples=1)
-    k = cfg.samples
-    return [[out[q * k + j][0].tokens for j in range(k)] for q in range(len(prompts))]
 
 
 def _correct_option(example: Example) -> int | None:
@@ -354,15 +218,15 @@ def _option_pick_generated(answer: str, options: list[str]) -> int | None:
 
 
 def _multiple_choice(
-    example: Example, option_scores: list[list[RowScore]], answers: list[str] | None
+    example: Example, option_rows: list[list[RowLikelihood]], answers: list[str] | None
 ) -> dict[str, Any]:
-    """Accuracy of the option picks; ``option_scores[o]`` = K trace rows then the null row."""
+    """Accuracy of the option picks; ``option_rows[o]`` = K trace rows then the null row."""
     correct = _correct_option(example)
     out: dict[str, Any] = {"options": example.options, "correct_option": correct}
     if correct is None:
         return out  # the reference is not one of the options: nothing to score against
-    null_lp = [scores[-1].logprob for scores in option_scores]
-    trace_lp = [_log_mean_exp([s.logprob for s in scores[:-1]]) for scores in option_scores]
+    null_lp = [scores[-1].logprob for scores in option_rows]
+    trace_lp = [_log_mean_exp([s.logprob for s in scores[:-1]]) for scores in option_rows]
     out["pick_null"] = int(np.argmax(null_lp))
     out["pick_likelihood"] = int(np.argmax(trace_lp))
     out["mc_acc_null"] = float(out["pick_null"] == correct)
@@ -374,17 +238,23 @@ def _multiple_choice(
     return out
 
 
+def _think_figures(rows: list[RowLikelihood], traces: list[Trace]) -> dict[str, float]:
+    """trace_stats of traces whose K rows are ``rows`` (null row excluded)."""
+    entropy = sum(r.think_entropy for r in rows)
+    return trace_stats(traces, entropy, sum(r.think_tokens for r in rows))
+
+
 def _question_record(
     example: Example,
-    scores: list[RowScore],
+    rows: list[RowLikelihood],
     traces: list[Trace],
-    tokenizer: Any,
+    vocab: Vocabulary,
     answers: list[list[int]] | None,
 ) -> dict[str, Any]:
     """Per-question figures from its K trace rows and null row (last)."""
-    trace_nll = [s.nll for s in scores[:-1]]
-    null_nll = scores[-1].nll
-    think = sum(s.think_tokens for s in scores[:-1])
+    trace_nll = [r.nll for r in rows[:-1]]
+    null_nll = rows[-1].nll
+    stats = _think_figures(rows[:-1], traces)
     record: dict[str, Any] = {
         "line": example.line,
         "question": example.question,
@@ -395,20 +265,20 @@ def _question_record(
         "trace_nll_best": float(np.min(trace_nll)),
         "gain": null_nll - float(np.mean(trace_nll)),
         "gain_best": null_nll - float(np.min(trace_nll)),
-        "trace_tokens": float(np.mean([len(t.tokens) for t in traces])),
-        "trace_entropy": sum(s.think_entropy for s in scores[:-1]) / think if think else 0.0,
-        "marker_rate": float(np.mean([t.emitted_marker for t in traces])),
+        "trace_tokens": stats["trace_tokens_mean"],
+        "trace_entropy": stats["trace_entropy"],
+        "marker_rate": stats["marker_rate"],
     }
     generations = []
     for k, trace in enumerate(traces):
         item: dict[str, Any] = {
-            "trace": tokenizer.decode(trace.tokens),
+            "trace": vocab.decode(trace.tokens),
             "trace_tokens": len(trace.tokens),
             "emitted_marker": trace.emitted_marker,
             "trace_nll": trace_nll[k],
         }
         if answers is not None:
-            text = tokenizer.decode(answers[k])
+            text = vocab.decode(answers[k])
             item.update(
                 answer=text,
                 exact_match=exact_match(text, example.answer),
@@ -423,9 +293,9 @@ def _question_record(
 
 
 def _summary(
-    records: list[dict], traces: list[list[Trace]], scores: list[list[RowScore]]
+    records: list[dict], traces: list[list[Trace]], rows: list[list[RowLikelihood]]
 ) -> dict[str, float]:
-    """Means over questions; entropy per think token over all traces; distinct-2 over all traces."""
+    """Means over questions; the trace figures over all traces together."""
     summary: dict[str, float] = {"questions": float(len(records)), "samples": float(len(traces[0]))}
     for key in (
         "null_nll",
@@ -435,15 +305,13 @@ def _summary(
         "gain_best",
         "exact_match",
         "f1",
-        "trace_tokens",
-        "marker_rate",
     ):
         if key in records[0]:
             summary[key] = float(np.mean([r[key] for r in records]))
-    think = sum(s.think_tokens for group in scores for s in group[:-1])
-    entropy = sum(s.think_entropy for group in scores for s in group[:-1])
-    summary["trace_entropy"] = entropy / think if think else 0.0
-    summary["distinct_2"] = distinct_n([t.tokens for group in traces for t in group], 2)
+    stats = _think_figures([r for g in rows for r in g[:-1]], [t for g in traces for t in g])
+    summary["trace_tokens"] = stats["trace_tokens_mean"]
+    for key in ("marker_rate", "trace_entropy", "distinct_2"):
+        summary[key] = stats[key]
     mc = [r for r in records if "mc_acc_null" in r]
     if mc:
         summary["mc_questions"] = float(len(mc))
@@ -454,130 +322,68 @@ def _summary(
 
 
 def evaluate(
-    model: nn.Module, tokenizer: Any, examples: list[Example], cfg: EvalConfig
+    model: nn.Module, vocab: Vocabulary, examples: list[Example], cfg: EvalConfig
 ) -> EvalReport:
     """Evaluate ``examples`` (the first ``cfg.max_questions``); see the module docstring."""
     _check_config(cfg)
     examples = list(examples[: cfg.max_questions] if cfg.max_questions else examples)
     if not examples:
         raise NrtError("eval: no questions to evaluate")
-    marker = resolve_marker(tokenizer, cfg.marker)
-    eos = eos_ids(tokenizer)
-    prompts = [encode_prompt(tokenizer, ex.messages, cfg.think_prefix) for ex in examples]
-    answers = [encode_answer(tokenizer, ex.answer) for ex in examples]
-    rollout = RolloutConfig(
-        samples=cfg.samples,
-        max_think_tokens=cfg.max_think_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-    )
+    m = vocab.marker.ids
+    prompts = [vocab.encode_prompt(ex.messages, cfg.rollout.think_prefix) for ex in examples]
+    answers = [vocab.encode_answer(ex.answer) for ex in examples]
     was_training = model.training
     model.eval()  # no LoRA dropout while measuring
     try:
-        key_traces, key_answers = mx.random.split(mx.random.key(cfg.seed))
-        traces, _ = sample_traces(
-            model, prompts, rollout, marker.ids, eos, key_traces, samples=cfg.samples
-        )
+        # The first of two keys of the seed, as nrt-mlx 0.1 drew it: reports stay reproducible.
+        key = mx.random.split(mx.random.key(cfg.seed))[0]
+        traces, _ = sample_traces(model, prompts, cfg.rollout, m, vocab.eos_ids, key)
         # Rows of the reference answers, then of every option: distinct group ids, one scoring pass.
         groups = [
-            trace_rows(p, t, marker, a, q)
-            for q, (p, t, a) in enumerate(zip(prompts, traces, answers))
+            build_rows(p, t, m, a, q) for q, (p, t, a) in enumerate(zip(prompts, traces, answers))
         ]
-        option_groups: list[tuple[int, int]] = []  # (question, option) of each extra group
+        option_of: list[int] = []  # question of each option group, in order
         for q, ex in enumerate(examples):
-            for o, option in enumerate(ex.options or []):
-                option_ids = encode_answer(tokenizer, option)
-                groups.append(trace_rows(prompts[q], traces[q], marker, option_ids, len(groups)))
-                option_groups.append((q, o))
-        flat = score_rows(
-            model, [row for g in groups for row in g], pad_id(tokenizer), cfg.batch_tokens
+            for option in ex.options or []:
+                option_ids = vocab.encode_answer(option)
+                groups.append(build_rows(prompts[q], traces[q], m, option_ids, len(groups)))
+                option_of.append(q)
+        flat = row_likelihoods(
+            model, [r for g in groups for r in g], vocab.pad_id, cfg.batch_tokens
         )
-        generated = (
-            _generate_answers(model, prompts, traces, marker, eos, cfg, key_answers)
-            if cfg.generate
-            else None
-        )
+        generated = None
+        if cfg.generate:
+            contexts = [p + t.tokens + m for p, group in zip(prompts, traces) for t in group]
+            flat_answers = greedy_answers(model, contexts, vocab.eos_ids, cfg.max_answer_tokens)
+            k = cfg.rollout.samples
+            generated = [flat_answers[q * k : (q + 1) * k] for q in range(len(examples))]
     finally:
         model.train(was_training)
 
-    width = cfg.samples + 1
+    width = cfg.rollout.samples + 1
     grouped = [flat[i * width : (i + 1) * width] for i in range(len(groups))]
     records = []
     for q, ex in enumerate(examples):
         answers_q = generated[q] if generated is not None else None
-        record = _question_record(ex, grouped[q], traces[q], tokenizer, answers_q)
+        record = _question_record(ex, grouped[q], traces[q], vocab, answers_q)
         if ex.options:
-            per_option = [
-                grouped[len(examples) + i] for i, (qq, _) in enumerate(option_groups) if qq == q
-            ]
+            per_option = [grouped[len(examples) + i] for i, qq in enumerate(option_of) if qq == q]
             texts = [g["answer"] for g in record["generations"]] if answers_q is not None else None
             record.update(_multiple_choice(ex, per_option, texts))
         records.append(record)
     summary = _summary(records, traces, grouped[: len(examples)])
-    trace_ids = [[t.tokens for t in group] for group in traces]
-    return EvalReport(summary, records, {**asdict(cfg), "marker_text": marker.text}, trace_ids)
+    return EvalReport(summary, records, {**cfg.to_dict(), "marker_text": vocab.marker.text})
 
 
-# --------------------------------------------------------------------------------------------
-# Model + adapters for the CLI (eval, score)
-# --------------------------------------------------------------------------------------------
+# ---- a base model with a run's adapters (eval, score) ----------------------------------------------
 
 
-@dataclass
-class AdapterSource:
-    """Where adapters live, the recipe of their run (None without one) and their adapter_config."""
+def load_for_eval(model_path: str | None, source: Any = None) -> Any:
+    """Load the base model (``model_path``, else the run's model.path) with the adapters of
+    ``source`` (an ``nrt_mlx.rundir.AdapterSource``) applied; returns the ``LoadedModel``.
 
-    adapter_dir: Path
-    recipe: Recipe | None
-    adapter_config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def marker(self) -> str | None:
-        """The marker the adapters were trained with: the recipe's, else adapter_config's."""
-        if self.recipe is not None:
-            return self.recipe.rollout.marker
-        return (self.adapter_config.get("nrt_mlx") or {}).get("marker")
-
-    @property
-    def base_model(self) -> str:
-        """The base model: the recipe's model.path, else adapter_config's base_model."""
-        if self.recipe is not None:
-            return self.recipe.model.path
-        return str(self.adapter_config.get("base_model") or self.adapter_config.get("model") or "")
-
-
-def find_adapters(path: str | Path) -> AdapterSource:
-    """Resolve RUN_DIR (its latest adapters/), RUN_DIR/checkpoints/step_N or an adapter directory."""
-    from nrt_mlx.recipe import load_recipe
-
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise NrtError(f"--adapter {path}: no such run, checkpoint or adapter directory")
-    adapter_dir = root / "adapters" if (root / "recipe.yaml").exists() else root
-    if (
-        not (adapter_dir / "adapters.safetensors").exists()
-        or not (adapter_dir / "adapter_config.json").exists()
-    ):
-        raise NrtError(
-            f"--adapter {path}: no adapters.safetensors + adapter_config.json in {adapter_dir}; "
-            f"give a run directory, RUN_DIR/checkpoints/step_NNNNNN or an adapter directory"
-        )
-    try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise NrtError(f"{adapter_dir / 'adapter_config.json'}: not valid JSON ({err})") from None
-    # A run's recipe sits beside adapters/ or two levels above a checkpoint.
-    for candidate in (root, adapter_dir.parent, adapter_dir.parent.parent):
-        if (candidate / "recipe.yaml").exists():
-            return AdapterSource(adapter_dir, load_recipe(candidate / "recipe.yaml"), config)
-    return AdapterSource(adapter_dir, None, config)
-
-
-def load_for_eval(model_path: str | None, source: AdapterSource | None = None) -> Any:
-    """Load the base model (``model_path``, else the run's model.path) with the adapters applied.
-
-    Returns the ``LoadedModel``. With adapters, the base loads as their run did (same
-    quantization), and every adapter weight must be in the file (``model.apply_adapters``).
+    With adapters, the base loads as their run did (same quantization), and every adapter weight
+    must be in the file (``model.apply_adapters``).
     """
     from nrt_mlx.model import apply_adapters, load_model, load_trained_base
     from nrt_mlx.recipe import ModelConfig
@@ -595,32 +401,3 @@ def load_for_eval(model_path: str | None, source: AdapterSource | None = None) -
     loaded = load_trained_base(replace(cfg, path=path), source.adapter_config)
     apply_adapters(loaded.model, source.adapter_dir)
     return loaded
-
-
-def eval_config(recipe: Recipe | None = None, **overrides: Any) -> EvalConfig:
-    """EvalConfig with a recipe's rollout settings (marker, think prefix, sampler, think budget),
-    then ``overrides``; overrides that are None keep the recipe's (or the default) value."""
-    cfg = EvalConfig()
-    if recipe is not None:
-        r = recipe.rollout
-        cfg = EvalConfig(
-            max_think_tokens=r.max_think_tokens,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            marker=r.marker,
-            think_prefix=r.think_prefix,
-        )
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def config_from_run(source: AdapterSource | None, **overrides: Any) -> EvalConfig:
-    """EvalConfig with the run's rollout settings, then ``overrides`` (None keeps a value).
-
-    Without a recipe the marker comes from adapter_config.json (nrt-mlx writes it there).
-    """
-    if source is not None and source.recipe is None and source.marker:
-        overrides = {
-            "marker": source.marker,
-            **{k: v for k, v in overrides.items() if v is not None},
-        }
-    return eval_config(source.recipe if source is not None else None, **overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nrt_mlx.errors import NrtError
+from nrt_mlx.evaluate import EvalReport
 from nrt_mlx.recipe import load_recipe
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
@@ -52,13 +53,17 @@ def run_quickstart(
     print(session.data_report, flush=True)
     held_out = [e.example for e in (session.valid or session.train)]
     cfg = eval_config(
-        recipe, samples=2, seed=recipe.train.seed, max_questions=eval_questions, generate=False
+        recipe.rollout,
+        samples=2,
+        seed=recipe.train.seed,
+        max_questions=eval_questions,
+        generate=False,
     )
-    model, tok = session.loaded.model, session.loaded.tokenizer
-    before = evaluate(model, tok, held_out, cfg)
+    model, vocab = session.loaded.model, session.vocab
+    before = evaluate(model, vocab, held_out, cfg)
     print(f"held-out answer NLL/token before: {_nll_line(before.summary)}", flush=True)
     run_training(session, 0, quiet)
-    after = evaluate(model, tok, held_out, cfg)
+    after = evaluate(model, vocab, held_out, cfg)
     before.to_json(session.run.root / "eval_before.json")
     after.to_json(session.run.root / "eval_after.json")
     print(f"held-out answer NLL/token before: {_nll_line(before.summary)}")
@@ -80,7 +85,7 @@ def _nll_line(summary: dict) -> str:
     )
 
 
-def _print_samples(report, n: int = 3) -> None:
+def _print_samples(report: EvalReport, n: int = 3) -> None:
     print("sample traces (held-out questions):")
     for q in report.questions[:n]:
         trace = (q.get("generations") or [{}])[0].get("trace", "")

@@ -285,7 +285,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def validate(recipe: Recipe, source: str = "recipe") -> None:
     """Value checks that types cannot express."""
-    from nrt_mlx.rewards import AGGREGATORS
+    from nrt_mlx.objective import AGGREGATORS
 
     q = recipe.model.quantize
     if q not in ("auto", "none", 4, 8, 2, 3, 5, 6):

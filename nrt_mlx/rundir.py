@@ -8,6 +8,8 @@
 
 Checkpoints are written into a temporary directory and renamed into place, so a crash never
 leaves a half-written checkpoint, and older checkpoints are removed only after a newer one exists.
+Everything that reads a run (resume, eval, score, fuse, the model card, compare, plot) reads it
+through ``RunDir``; ``find_adapters`` resolves what a user gives as ``--adapter``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from nrt_mlx.model import (
     load_adapter_weights,
     write_adapters_into,
 )
+from nrt_mlx.recipe import Recipe, RolloutConfig, load_recipe
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -76,6 +79,38 @@ class RunDir:
     def latest_checkpoint(self) -> int | None:
         steps = self.list_checkpoints()
         return steps[-1] if steps else None
+
+    # -- reading a finished or running run ----------------------------------------------------
+
+    def check(self) -> RunDir:
+        """Itself, once it is known to be a run directory (a one-line error otherwise)."""
+        if not self.root.is_dir():
+            raise NrtError(f"{self.root}: no such run directory")
+        if not self.recipe.exists():
+            raise NrtError(f"{self.root}: not an nrt-mlx run directory (no recipe.yaml)")
+        return self
+
+    def read_recipe(self, overrides: list[str] | None = None) -> Recipe:
+        """The resolved recipe the run saved."""
+        return load_recipe(self.check().recipe, overrides)
+
+    def adapter_dir(self, step: int | None = None) -> tuple[Path, int | None]:
+        """The adapters of checkpoint ``step`` (None: the latest, in adapters/) and their step."""
+        if step is None:
+            if not (self.adapters / ADAPTER_WEIGHTS).exists():
+                raise NrtError(
+                    f"{self.adapters}: no {ADAPTER_WEIGHTS}; has the run saved a checkpoint yet? "
+                    "(pick one with --checkpoint STEP)"
+                )
+            # adapters/ is rewritten with every checkpoint, so it holds the latest one.
+            return self.adapters, self.latest_checkpoint()
+        directory = self.checkpoint_dir(step)
+        if not (directory / ADAPTER_WEIGHTS).exists():
+            have = ", ".join(str(s) for s in self.list_checkpoints()) or "none"
+            raise NrtError(
+                f"--checkpoint {step}: {directory} has no adapters (checkpoints in this run: {have})"
+            )
+        return directory, step
 
     # -- metrics ---------------------------------------------------------------------------
 
@@ -135,6 +170,71 @@ class RunDir:
         optimizer.state = tree_unflatten(list(opt.items()))
         mx.eval(optimizer.state)
         return json.loads(state_file.read_text())
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """``adapter_config.json``, checked for the keys mlx-lm needs to rebuild the adapters."""
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.exists():
+        raise NrtError(f"{path}: not found; the adapter directory is incomplete")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise NrtError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    for key in ("num_layers", "lora_parameters"):
+        if key not in cfg:
+            raise NrtError(f"{path}: key '{key}' is missing; is this an mlx-lm adapter config?")
+    kind = cfg.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora"):
+        raise NrtError(f"{path}: fine_tune_type '{kind}' is not supported (lora or dora expected)")
+    return cfg
+
+
+# Think budget of eval and score when no run says otherwise.
+DEFAULT_EVAL_THINK_TOKENS = 128
+
+
+@dataclass
+class AdapterSource:
+    """Where adapters live, the recipe of their run (None without one) and their adapter_config."""
+
+    adapter_dir: Path
+    recipe: Recipe | None
+    adapter_config: dict[str, Any]
+
+    @property
+    def base_model(self) -> str:
+        """The base model: the recipe's model.path, else adapter_config's base_model."""
+        if self.recipe is not None:
+            return self.recipe.model.path
+        cfg = self.adapter_config
+        return str(cfg.get("base_model") or cfg.get("model") or "")
+
+    def rollout(self) -> RolloutConfig:
+        """The run's rollout settings; without a recipe, the marker adapter_config.json records."""
+        if self.recipe is not None:
+            return self.recipe.rollout
+        marker = (self.adapter_config.get("nrt_mlx") or {}).get("marker") or "auto"
+        return RolloutConfig(max_think_tokens=DEFAULT_EVAL_THINK_TOKENS, marker=marker)
+
+
+def find_adapters(path: str | Path) -> AdapterSource:
+    """Resolve RUN_DIR (its latest adapters/), RUN_DIR/checkpoints/step_N or an adapter directory."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise NrtError(f"--adapter {path}: no such run, checkpoint or adapter directory")
+    adapter_dir = root / "adapters" if (root / "recipe.yaml").exists() else root
+    if not (adapter_dir / ADAPTER_WEIGHTS).exists() or not (adapter_dir / ADAPTER_CONFIG).exists():
+        raise NrtError(
+            f"--adapter {path}: no {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG} in {adapter_dir}; give a "
+            f"run directory, RUN_DIR/checkpoints/step_NNNNNN or an adapter directory"
+        )
+    config = read_adapter_config(adapter_dir)
+    # A run's recipe sits beside adapters/ or two levels above a checkpoint.
+    for candidate in (root, adapter_dir.parent, adapter_dir.parent.parent):
+        if (candidate / "recipe.yaml").exists():
+            return AdapterSource(adapter_dir, RunDir(candidate).read_recipe(), config)
+    return AdapterSource(adapter_dir, None, config)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

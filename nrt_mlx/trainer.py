@@ -1,17 +1,19 @@
-"""The training loop: sample traces, build rows, one forward/backward, AdamW update, log, checkpoint.
+"""The training loop: sample traces, build batches, update, log, checkpoint.
 
-One NRT step (``train.method: nrt``):
+One NRT step (``train.method: nrt``; docs/NRT.md, "One training step"):
 
-1. take ``questions_per_step`` questions in a seeded, epoch-wise shuffled order;
-2. sample K traces per question in one batched generation (``nrt_mlx.rollout``);
-3. build the rows ``[prompt | z_k | m | y* EOS]`` plus one null-think row per question
-   (``nrt_mlx.sequences``);
-4. for each micro-batch of whole questions, one forward pass gives the rewards (without gradient)
-   and the loss (``nrt_mlx.loss``); gradients are accumulated, weighted by the micro-batch's share
-   of rows, clipped, and applied by AdamW with warm-up and cosine decay.
+1. ``sample``: take ``questions_per_step`` questions in a seeded, epoch-wise shuffled order and
+   sample K traces per question in one batched generation (``nrt_mlx.rollout``);
+2. ``build_batches``: K trace rows plus one null-think row per question (``nrt_mlx.batch``), in
+   micro-batches of whole questions (group normalisation needs all K rows and the null row);
+3. ``update``: per micro-batch one forward pass gives the rewards (without gradient) and the loss
+   (``nrt_mlx.objective``); gradients are accumulated, weighted by the micro-batch's share of
+   trace rows, clipped, and applied by AdamW (``updates_per_rollout`` times on one rollout);
+4. ``step_metrics``: the step's figures, read from the device once.
 
 ``train.method: sft`` trains plain LoRA SFT on ``[prompt | y* EOS]``: the baseline to compare with.
-Randomness is derived from (seed, step), so a resumed run repeats an uninterrupted one exactly.
+All randomness of a step comes from ``step_key(seed, step)``, so a resumed run repeats an
+uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -29,38 +31,17 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from nrt_mlx.collapse import distinct_n
+from nrt_mlx.batch import Batch, build_rows, collate, sft_rows
 from nrt_mlx.data import Dataset, Example, drop_long, load_jsonl
 from nrt_mlx.errors import NrtError
-from nrt_mlx.loss import nrt_loss, score_batch, sft_loss
 from nrt_mlx.model import LoadedModel, adapter_config, add_adapters, load_model
+from nrt_mlx.objective import default_normalizer, nrt_loss, reference_pass, sft_loss
 from nrt_mlx.progress import Reporter
-from nrt_mlx.recipe import Recipe, load_recipe, save_recipe
-from nrt_mlx.rollout import Trace, sample_traces
+from nrt_mlx.recipe import Recipe, save_recipe
+from nrt_mlx.rollout import RolloutStats, Trace, sample_traces
 from nrt_mlx.rundir import RunDir
-from nrt_mlx.sequences import (
-    AnswerMarker,
-    Row,
-    build_rows,
-    collate,
-    encode_answer,
-    encode_prompt,
-    eos_ids,
-    pad_id,
-    resolve_marker,
-    sft_rows,
-)
-
-# Keys of the loss metrics that are averaged over training rows into the step's metrics.
-_ROW_MEAN_KEYS = (
-    "loss",
-    "trace_loss",
-    "token_loss",
-    "format_loss",
-    "answer_nll",
-    "null_answer_nll",
-    "trace_entropy",
-)
+from nrt_mlx.stats import trace_stats
+from nrt_mlx.vocab import Vocabulary
 
 
 @dataclass
@@ -76,16 +57,14 @@ class Session:
 
     recipe: Recipe
     loaded: LoadedModel
+    vocab: Vocabulary
     train: list[Encoded]
     valid: list[Encoded]
-    marker: AnswerMarker
-    eos_ids: set[int]
     optimizer: optim.Optimizer
     run: RunDir
     adapter_config: dict
-    pad_id: int
-    max_length: int
-    normalizer: float
+    max_length: int  # longest row: prompt + think + marker + answer limits
+    normalizer: float  # N of the loss (objective.default_normalizer)
     data_report: str  # what was kept and skipped of data.train
     position: int = 0  # questions consumed so far (the data position a checkpoint saves)
 
@@ -97,30 +76,26 @@ class StepResult:
     metrics: dict[str, Any]
     items: list[Encoded]
     traces: list[list[Trace]] | None  # None for SFT
-    rewards: list[float]  # raw trace reward per trace row, in the order of ``traces``
+    rewards: list[float]  # raw trace reward per trace, in the order of ``traces``
 
 
-def encode_dataset(data: Dataset, tokenizer: Any, recipe: Recipe) -> list[Encoded]:
+def encode_dataset(data: Dataset, vocab: Vocabulary, recipe: Recipe) -> list[Encoded]:
     """Tokenize prompts and answers once; drop (and count) examples over the length limits."""
-    cache: dict[int, Encoded] = {}
-
-    def enc(ex: Example) -> Encoded:
-        if ex.line not in cache:
-            cache[ex.line] = Encoded(
-                ex,
-                encode_prompt(tokenizer, ex.messages, recipe.rollout.think_prefix),
-                encode_answer(tokenizer, ex.answer),
-            )
-        return cache[ex.line]
-
+    think_prefix = recipe.rollout.think_prefix
+    by_line = {
+        ex.line: Encoded(
+            ex, vocab.encode_prompt(ex.messages, think_prefix), vocab.encode_answer(ex.answer)
+        )
+        for ex in data.examples
+    }
     drop_long(
         data,
-        lambda ex: len(enc(ex).prompt),
-        lambda ex: len(enc(ex).answer),
+        lambda ex: len(by_line[ex.line].prompt),
+        lambda ex: len(by_line[ex.line].answer),
         recipe.data.max_prompt_tokens,
         recipe.data.max_answer_tokens,
     )
-    return [cache[ex.line] for ex in data.examples]
+    return [by_line[ex.line] for ex in data.examples]
 
 
 def lr_schedule(recipe: Recipe) -> Any:
@@ -159,222 +134,234 @@ def question_indices(n: int, seed: int, position: int, count: int, shuffle: bool
     return out
 
 
-def _check_run_dir(run: RunDir) -> None:
-    if run.latest_checkpoint() is not None or (run.metrics.exists() and run.metrics.stat().st_size):
-        raise NrtError(
-            f"run.dir {run.root} already holds a run: continue it with "
-            f"'nrt-mlx train --resume {run.root}', or set run.dir to a new directory"
-        )
+def step_key(seed: int, step: int) -> tuple[mx.array, int]:
+    """(key of the trace sampler, seed of the LoRA-dropout generator) of training step ``step``."""
+    return mx.random.key(seed * 7_919 + step), seed * 1_000_003 + step
 
 
 def prepare(recipe: Recipe, resume: bool = False) -> Session:
     """Load data, model and adapters, and create the optimizer and run directory."""
     run = RunDir(Path(recipe.run.dir))
-    if not resume:
-        _check_run_dir(run)
+    if not resume and (
+        run.latest_checkpoint() is not None or (run.metrics.exists() and run.metrics.stat().st_size)
+    ):
+        raise NrtError(
+            f"run.dir {run.root} already holds a run: continue it with "
+            f"'nrt-mlx train --resume {run.root}', or set run.dir to a new directory"
+        )
     train_data = load_jsonl(recipe.data.train, recipe.data, "data.train")
     valid_data = (
         load_jsonl(recipe.data.valid, recipe.data, "data.valid") if recipe.data.valid else None
     )
     loaded = load_model(recipe.model)
-    tok = loaded.tokenizer
     if recipe.train.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(loaded.model.layers[0])
     add_adapters(loaded.model, recipe.lora, recipe.train.seed)
-    train = encode_dataset(train_data, tok, recipe)
-    valid = encode_dataset(valid_data, tok, recipe) if valid_data else []
-    marker = resolve_marker(tok, recipe.rollout.marker)
-    # Record what was actually used: the resolved quantization and absolute paths.
+    vocab = Vocabulary.of(loaded.tokenizer, recipe.rollout.marker)
+    train = encode_dataset(train_data, vocab, recipe)
+    valid = encode_dataset(valid_data, vocab, recipe) if valid_data else []
+    # Record what was actually used: the resolved quantization.
     recipe.model.quantize = loaded.bits if loaded.bits is not None else "none"
-    max_length = (
-        recipe.data.max_prompt_tokens
-        + recipe.rollout.max_think_tokens
-        + len(marker.ids)
-        + recipe.data.max_answer_tokens
-    )
-    normalizer = float(
-        recipe.objective.normalizer
-        or (recipe.rollout.max_think_tokens + recipe.data.max_answer_tokens)
-    )
+    d, m = recipe.data, vocab.marker
     extra = {
         "nrt_mlx": {
             "method": recipe.train.method,
             "aggregator": recipe.objective.aggregator,
-            "marker": marker.text,
+            "marker": m.text,
         }
     }
-    session = Session(
+    return Session(
         recipe=recipe,
         loaded=loaded,
+        vocab=vocab,
         train=train,
         valid=valid,
-        marker=marker,
-        eos_ids=eos_ids(tok),
         optimizer=make_optimizer(recipe),
         run=run,
         adapter_config=adapter_config(loaded, recipe.lora, extra),
-        pad_id=pad_id(tok),
-        max_length=max_length,
-        normalizer=normalizer,
+        max_length=d.max_prompt_tokens
+        + recipe.rollout.max_think_tokens
+        + len(m.ids)
+        + d.max_answer_tokens,
+        normalizer=default_normalizer(recipe),
         data_report=train_data.report(),
     )
-    return session
 
 
-def _rows_for_step(
-    session: Session, items: list[Encoded], traces: list[list[Trace]] | None
-) -> list[list[Row]]:
-    """Rows per question: K trace rows and the null-think row (NRT), or the answer row (SFT)."""
-    out = []
-    for q, item in enumerate(items):
-        if traces is None:
-            out.append(sft_rows(item.prompt, item.answer, q, session.max_length))
-            continue
-        group = traces[q]
-        out.append(
-            build_rows(
-                item.prompt,
-                [t.tokens for t in group],
-                session.marker,
-                item.answer,
-                q,
-                [t.emitted_marker for t in group],
-                session.max_length,
-            )
+# ---- one step -----------------------------------------------------------------------------------
+
+
+def sample(
+    session: Session, items: list[Encoded], key: mx.array
+) -> tuple[list[list[Trace]], RolloutStats]:
+    """K traces per question from the current weights, without LoRA dropout."""
+    model = session.loaded.model
+    model.eval()
+    try:
+        v = session.vocab
+        return sample_traces(
+            model, [it.prompt for it in items], session.recipe.rollout, v.marker.ids, v.eos_ids, key
         )
-    return out
+    finally:
+        model.train()
 
 
-def _micro_batches(rows: list[list[Row]], per_batch: int) -> list[list[Row]]:
-    """Whole questions per micro-batch: group normalisation needs all K rows and the null row."""
-    per_batch = per_batch or len(rows)
-    return [sum(rows[i : i + per_batch], []) for i in range(0, len(rows), per_batch)]
+def build_batches(
+    session: Session, items: list[Encoded], traces: list[list[Trace]] | None
+) -> list[Batch]:
+    """Micro-batches of whole questions: K trace rows and the null-think row (NRT), or the answer
+    row (SFT), per question."""
+    r, m = session.recipe, session.vocab.marker.ids
+    rows = [
+        sft_rows(it.prompt, it.answer, q, session.max_length)
+        if traces is None
+        else build_rows(it.prompt, traces[q], m, it.answer, q, session.max_length)
+        for q, it in enumerate(items)
+    ]
+    per = r.train.micro_batch_questions or len(rows)
+    return [
+        collate(sum(rows[i : i + per], []), session.vocab.pad_id) for i in range(0, len(rows), per)
+    ]
+
+
+def update(session: Session, batches: list[Batch]) -> tuple[list[dict[str, mx.array]], mx.array]:
+    """``updates_per_rollout`` optimizer updates on the step's batches.
+
+    Returns each micro-batch's loss figures of the first update (device arrays) and the clip
+    fraction over all updates. With several updates the rewards and the old log-probs of the
+    clipped ratio are fixed from the weights that sampled the batch, before any update.
+    """
+    r, model = session.recipe, session.loaded.model
+    nrt = r.train.method == "nrt"
+    total_rows = sum(b.trace_rows for b in batches)
+    fixed: list[Any] = [None] * len(batches)
+    if nrt and r.train.updates_per_rollout > 1:
+        for i, b in enumerate(batches):
+            fixed[i], lp = reference_pass(model, b, r.objective)
+            batches[i] = dataclasses.replace(b, old_logprobs=lp)
+            mx.eval(lp, fixed[i].advantage, fixed[i].token_signal)
+
+    def weighted_loss(
+        model: nn.Module, batch: Batch, weight: float, rewards: Any
+    ) -> tuple[mx.array, dict]:
+        if nrt:
+            loss, figures = nrt_loss(model, batch, r.objective, session.normalizer, rewards)
+        else:
+            loss, figures = sft_loss(model, batch, session.normalizer)
+        return loss * weight, figures
+
+    value_and_grad = nn.value_and_grad(model, weighted_loss)
+    first: list[dict[str, mx.array]] = []
+    clipped, counted = mx.array(0), mx.array(0)
+    for n in range(r.train.updates_per_rollout):
+        grads = None
+        for b, f in zip(batches, fixed):
+            (_, figures), g = value_and_grad(model, b, b.trace_rows / total_rows, f)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            if nrt:
+                clipped, counted = (
+                    clipped + figures["clipped_tokens"],
+                    counted + figures["ratio_tokens"],
+                )
+            mx.eval(grads, figures)  # one micro-batch's graph at a time bounds the memory
+            if n == 0:
+                first.append(figures)
+        if r.optimizer.grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, r.optimizer.grad_clip)
+        session.optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), session.optimizer.state)
+    return first, clipped / mx.maximum(counted, 1)
+
+
+def step_metrics(
+    session: Session,
+    batches: list[Batch],
+    figures: list[dict[str, mx.array]],
+    clip_fraction: mx.array,
+) -> tuple[dict[str, float], list[float]]:
+    """The step's loss figures from the device in one sync: row means over trace rows (null-think
+    rows for ``null_answer_nll``), entropy per think token; and the trace rewards of the rows."""
+    mx.eval(figures, clip_fraction)
+    total = sum(b.trace_rows for b in batches)
+    out: dict[str, float] = {}
+    for key in ("loss", "trace_loss", "token_loss", "format_loss"):
+        if key in figures[0]:
+            out[key] = sum(float(f[key]) * b.trace_rows for f, b in zip(figures, batches)) / total
+    null = np.concatenate([np.array(b.is_null) for b in batches])
+    nll = np.concatenate([np.array(f["answer_nll"]) for f in figures])
+    out["answer_nll"] = float(nll[~null].mean())
+    if "trace_reward" not in figures[0]:
+        return out, []
+    out["null_answer_nll"] = float(nll[null].mean())
+    entropy = sum(float(f["think_entropy"].sum()) for f in figures)
+    out["trace_entropy"] = entropy / max(sum(b.think_tokens for b in batches), 1)
+    if session.recipe.train.updates_per_rollout > 1:
+        out["clip_fraction"] = float(clip_fraction)
+    rewards = np.concatenate([np.array(f["trace_reward"]) for f in figures])[~null]
+    return out, rewards.tolist()
 
 
 def train_step(session: Session, step: int) -> StepResult:
-    """One optimizer step (or ``updates_per_rollout`` of them on one rollout batch)."""
+    """One step: sample, build batches, update, and the step's metrics."""
     r = session.recipe
-    model = session.loaded.model
-    seed = r.train.seed
-    mx.random.seed(seed * 1_000_003 + step)  # LoRA dropout, reproducible per step
+    sample_key, dropout_seed = step_key(r.train.seed, step)
+    mx.random.seed(dropout_seed)
     idx = question_indices(
         len(session.train),
-        seed,
+        r.train.seed,
         session.position,
         r.train.questions_per_step,
         r.data.shuffle,
     )
     items = [session.train[i] for i in idx]
-    nrt = r.train.method == "nrt"
-
-    traces, sample_stats = None, None
-    if nrt:
-        model.eval()
-        key = mx.random.key(seed * 7_919 + step)
-        traces, sample_stats = sample_traces(
-            model, [it.prompt for it in items], r.rollout, session.marker.ids, session.eos_ids, key
-        )
-    micro = _micro_batches(_rows_for_step(session, items, traces), r.train.micro_batch_questions)
-    batches = [collate(mb, session.pad_id) for mb in micro]
-    model.train()
-
-    n_rows = [sum(not row.is_null for row in mb) for mb in micro]
-    total_rows = sum(n_rows)
-    fixed_rewards: list[Any] = [None] * len(batches)
-    if nrt and r.train.updates_per_rollout > 1:
-        # Several updates on one rollout batch: the rewards and the old log-probs of the clipped
-        # importance ratio come from the weights that sampled the batch, fixed before any update.
-        for i, b in enumerate(batches):
-            fixed_rewards[i], lp = score_batch(model, b, r.objective)
-            batches[i] = dataclasses.replace(b, old_logprobs=lp)
-            mx.eval(lp, fixed_rewards[i].advantage)
-
-    def weighted(
-        model: nn.Module, batch: Any, weight: float, rewards: Any
-    ) -> tuple[mx.array, dict]:
-        if nrt:
-            loss, metrics = nrt_loss(model, batch, r.objective, session.normalizer, rewards=rewards)
-        else:
-            loss, metrics = sft_loss(model, batch, session.normalizer)
-        return loss * weight, metrics
-
-    value_and_grad = nn.value_and_grad(model, weighted)
-
-    start = time.perf_counter()
+    traces, rollout = (
+        sample(session, items, sample_key) if r.train.method == "nrt" else (None, None)
+    )
+    batches = build_batches(session, items, traces)
     lr = float(session.optimizer.learning_rate.item())  # the rate this step's update uses
-    sums: dict[str, float] = {}
-    rewards: list[float] = []
-    train_tokens = 0
-    for update in range(r.train.updates_per_rollout):
-        grads = None
-        for b, n, fixed in zip(batches, n_rows, fixed_rewards):
-            (loss, metrics), g = value_and_grad(model, b, n / total_rows, fixed)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(loss, grads, metrics)
-            if update == 0:
-                train_tokens += int(b.lengths.sum().item())
-                for key in _ROW_MEAN_KEYS:
-                    if key in metrics:
-                        sums[key] = sums.get(key, 0.0) + float(metrics[key].item()) * n
-                if "trace_reward" in metrics:
-                    is_null = np.array(b.is_null)
-                    rewards += np.array(metrics["trace_reward"])[~is_null].tolist()
-        if r.optimizer.grad_clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, r.optimizer.grad_clip)
-        session.optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), session.optimizer.state)
-    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    figures, clip_fraction = update(session, batches)
+    seconds = time.perf_counter() - start
     session.position += len(items)
-
-    out: dict[str, Any] = {"step": step}
-    for key, total in sums.items():
-        out[key] = total / total_rows
-    if nrt:
-        flat = [t for g in traces for t in g]
-        lengths = [len(t.tokens) for t in flat]
-        out["reward_mean"] = float(np.mean(rewards)) if rewards else 0.0
-        out["reward_std"] = float(np.std(rewards)) if rewards else 0.0
-        out["trace_tokens_mean"] = float(np.mean(lengths))
-        out["trace_tokens_min"] = int(np.min(lengths))
-        out["trace_tokens_max"] = int(np.max(lengths))
-        out["marker_rate"] = float(np.mean([t.emitted_marker for t in flat]))
-        out["distinct_2"] = distinct_n([t.tokens for t in flat], 2)
-        out["sample_tokens_per_s"] = sample_stats.tokens_per_second
-        out["sample_seconds"] = sample_stats.seconds
-    out["train_tokens_per_s"] = train_tokens / train_seconds if train_seconds > 0 else 0.0
-    out["train_seconds"] = train_seconds
-    out["peak_memory_gb"] = mx.get_peak_memory() / 1e9
-    out["lr"] = lr
+    metrics, rewards = step_metrics(session, batches, figures, clip_fraction)
+    out: dict[str, Any] = {"step": step, **metrics}
+    if traces is not None:
+        flat = [t for group in traces for t in group]
+        out.update(trace_stats(flat, rewards=rewards))
+        out.update(sample_tokens_per_s=rollout.tokens_per_second, sample_seconds=rollout.seconds)
+    tokens = sum(b.num_tokens for b in batches)
+    out.update(train_tokens_per_s=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds)
+    out.update(peak_memory_gb=mx.get_peak_memory() / 1e9, lr=lr)
     return StepResult(out, items, traces, rewards)
+
+
+# ---- the run ------------------------------------------------------------------------------------
 
 
 def _sample_record(session: Session, result: StepResult, max_traces: int = 4) -> dict[str, Any]:
     """The first question of the step with a few of its traces and their trace rewards."""
-    tok = session.loaded.tokenizer
     item, rewards = result.items[0], result.rewards
+    traces = [
+        {
+            "text": session.vocab.decode(t.tokens),
+            "reward": rewards[i] if i < len(rewards) else None,
+            "tokens": len(t.tokens),
+            "emitted_marker": t.emitted_marker,
+        }
+        for i, t in enumerate(result.traces[0][:max_traces])
+    ]
     return {
         "step": result.metrics["step"],
         "question": item.example.question,
         "reference": item.example.answer,
-        "traces": [
-            {
-                "text": tok.decode(t.tokens),
-                "reward": rewards[i] if i < len(rewards) else None,
-                "tokens": len(t.tokens),
-                "emitted_marker": t.emitted_marker,
-            }
-            for i, t in enumerate(result.traces[0][:max_traces])
-        ],
+        "traces": traces,
     }
 
 
 def _checkpoint(session: Session, step: int) -> None:
-    state = {
-        "position": session.position,
-        "rng": {"seed": session.recipe.train.seed, "scheme": "per-step: seed*1000003+step"},
-    }
+    state = {"position": session.position, "seed": session.recipe.train.seed}
     session.run.save_checkpoint(
         step,
         session.loaded.model,
@@ -391,16 +378,14 @@ def evaluate_valid(session: Session) -> dict[str, float]:
 
     r = session.recipe
     cfg = eval_config(
-        r,
+        r.rollout,
         samples=r.train.eval_samples,
         seed=r.train.seed,
         max_questions=r.train.eval_questions,
         generate=True,
         max_answer_tokens=min(64, r.data.max_answer_tokens),
     )
-    report = evaluate(
-        session.loaded.model, session.loaded.tokenizer, [e.example for e in session.valid], cfg
-    )
+    report = evaluate(session.loaded.model, session.vocab, [e.example for e in session.valid], cfg)
     return {f"eval_{k}": v for k, v in report.summary.items() if isinstance(v, (int, float))}
 
 
@@ -410,6 +395,7 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
     from nrt_mlx.collapse import CollapseMonitor
 
     r = session.recipe
+    nrt = r.train.method == "nrt"
     monitor = CollapseMonitor(r.train.collapse_fraction)
     monitor.replay(session.run.read_metrics())  # a resumed run keeps its starting values
     reporter = Reporter(r.train.steps, start_step, quiet, r.run.log_every)
@@ -420,14 +406,12 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
             for key, value in metrics.items():
                 if isinstance(value, float) and not math.isfinite(value):
                     raise NrtError(f"step {step}: {key} is {value}; lower optimizer.learning_rate")
-            stop = False
-            if r.train.method == "nrt":
-                warnings = monitor.update(step, metrics)
-                for message in warnings:
-                    reporter.warn(message)
-                if warnings:
-                    metrics["collapse_warning"] = " | ".join(warnings)
-                stop = r.train.collapse_stop and monitor.collapsed
+            warnings = monitor.update(step, metrics) if nrt else []
+            for message in warnings:
+                reporter.warn(message)
+            if warnings:
+                metrics["collapse_warning"] = " | ".join(warnings)
+            stop = r.train.collapse_stop and monitor.collapsed
             if (
                 session.valid
                 and r.train.eval_every
@@ -435,11 +419,7 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
             ):
                 metrics.update(evaluate_valid(session))
             session.run.log_metrics(metrics)
-            if (
-                r.train.method == "nrt"
-                and r.run.samples_every
-                and (step == 1 or step % r.run.samples_every == 0)
-            ):
+            if nrt and r.run.samples_every and (step == 1 or step % r.run.samples_every == 0):
                 session.run.log_sample(_sample_record(session, result))
             reporter.step(metrics)
             if stop or step % r.run.save_every == 0 or step == r.train.steps:
@@ -481,7 +461,7 @@ def resume(run_dir: str | Path, quiet: bool = False, overrides: list[str] | None
         raise NrtError(
             f"{run_dir}: no checkpoint to resume from; start it again with 'nrt-mlx train'"
         )
-    recipe = load_recipe(run.recipe, overrides)
+    recipe = run.read_recipe(overrides)
     recipe.run.dir = str(run.root)
     session = prepare(recipe, resume=True)
     state = run.load_checkpoint(step, session.loaded.model, session.optimizer)

@@ -108,12 +108,10 @@ def load_run(path: str | Path) -> RunLog:
 
 def _recipe_names(run: RunDir) -> tuple[str, str]:
     """(train.method, objective.aggregator) from recipe.yaml, or blanks when it cannot be read."""
-    from nrt_mlx.recipe import load_recipe
-
     if not run.recipe.exists():
         return "", ""
     try:
-        recipe = load_recipe(run.recipe)
+        recipe = run.read_recipe()
     except NrtError:
         return "", ""  # a recipe from another version must not stop a comparison
     return recipe.train.method, recipe.objective.aggregator

@@ -7,8 +7,8 @@ gives, per answer token i,
     c_{k,i} = p(y*_i | x, z_k, m, y*_<i)      b_i = p(y*_i | x, m, y*_<i)
     weighted-sum weights: 1 / b_i (weighted_sum_inverse_prob) and -log b_i (weighted_sum_log_prob)
 
-and every registered aggregator's trace reward R_k, computed by ``nrt_mlx.rewards.aggregate`` on
-exactly these log-probabilities (the trainer's numbers). Low b_i marks the tokens that are hard
+and every aggregator's trace reward R_k, computed by ``nrt_mlx.objective.aggregate`` on exactly
+these log-probabilities (the trainer's numbers). Low b_i marks the tokens that are hard
 without reasoning; the weighted sums put the reward there.
 """
 
@@ -22,12 +22,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from nrt_mlx.analysis.tables import render_text
+from nrt_mlx.batch import build_rows
 from nrt_mlx.errors import NrtError
-from nrt_mlx.evaluate import render_text, score_rows, trace_rows
+from nrt_mlx.evaluate import row_likelihoods
+from nrt_mlx.objective import AGGREGATORS, aggregate
 from nrt_mlx.recipe import RolloutConfig
-from nrt_mlx.rewards import AGGREGATORS, aggregate
 from nrt_mlx.rollout import Trace, sample_traces
-from nrt_mlx.sequences import encode_answer, encode_prompt, eos_ids, pad_id, resolve_marker
+from nrt_mlx.vocab import Vocabulary
 
 # b_i below HARD is a hard token (shown red), above EASY an easy one (dimmed).
 HARD, EASY = 0.1, 0.9
@@ -37,7 +39,7 @@ MAX_TRACE_COLUMNS = 4
 
 
 @dataclass
-class ScoreReport:
+class TokenRewards:
     question: str
     answer: str
     marker: str
@@ -89,7 +91,7 @@ def _styled(text: str, style: str) -> str:
     return f"[{style}]{escape(text)}[/]" if style else escape(text)
 
 
-def _token_table(report: ScoreReport) -> Any:
+def _token_table(report: TokenRewards) -> Any:
     from rich.table import Table
 
     b, c = report.b, report.c
@@ -121,10 +123,10 @@ def _token_table(report: ScoreReport) -> Any:
     return table
 
 
-def _reward_table(report: ScoreReport) -> Any:
+def _reward_table(report: TokenRewards) -> Any:
     from rich.table import Table
 
-    table = Table(title="trace rewards R (nrt_mlx.rewards.aggregate)")
+    table = Table(title="trace rewards R (nrt_mlx.objective.aggregate)")
     table.add_column("aggregator")
     table.add_column("null (c = b)", justify="right")
     for j in range(len(report.traces)):
@@ -138,7 +140,7 @@ def _reward_table(report: ScoreReport) -> Any:
     return table
 
 
-def _trace_text(report: ScoreReport) -> Any:
+def _trace_text(report: TokenRewards) -> Any:
     from rich.text import Text
 
     text = Text()
@@ -150,61 +152,48 @@ def _trace_text(report: ScoreReport) -> Any:
     return text
 
 
-def _given_traces(tokenizer: Any, texts: list[str]) -> list[Trace]:
-    """Traces the user wrote: their ids (no special tokens added), followed by the marker."""
-    traces = []
-    for text in texts:
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
-        traces.append(Trace(ids, [0.0] * len(ids), emitted_marker=True, ended_eos=False))
-    return traces
-
-
-def score_answer(
+def token_rewards(
     model: nn.Module,
-    tokenizer: Any,
+    vocab: Vocabulary,
     question: str | list[dict],
     answer: str,
     traces: list[str] | None = None,
     rollout: RolloutConfig | None = None,
     seed: int = 0,
-) -> ScoreReport:
-    """c_i, b_i and every aggregator's reward for ``traces`` (texts), or for K sampled ones.
-
-    ``rollout`` gives the marker, think prefix and, when sampling, K and the sampler settings.
-    """
+) -> TokenRewards:
+    """c_i, b_i and every aggregator's reward for ``traces`` (texts, each taken as followed by the
+    marker), or for K sampled ones. ``rollout`` gives the think prefix and, when sampling, K and
+    the sampler settings; ``vocab`` the marker."""
     rollout = rollout or RolloutConfig()
     if not answer.strip():
         raise NrtError("score: the answer is empty")
-    marker = resolve_marker(tokenizer, rollout.marker)
-    prompt = encode_prompt(tokenizer, question, rollout.think_prefix)
-    answer_ids = encode_answer(tokenizer, answer)
+    marker = vocab.marker
+    prompt = vocab.encode_prompt(question, rollout.think_prefix)
+    answer_ids = vocab.encode_answer(answer)
     was_training = model.training
     model.eval()
     try:
         if traces:
-            group = _given_traces(tokenizer, traces)
+            group = [Trace(vocab.encode_text(text), emitted_marker=True) for text in traces]
         else:
-            sampled, _ = sample_traces(
-                model, [prompt], rollout, marker.ids, eos_ids(tokenizer), mx.random.key(seed)
-            )
-            group = sampled[0]
-        scores = score_rows(
-            model, trace_rows(prompt, group, marker, answer_ids, 0), pad_id(tokenizer)
-        )
+            key = mx.random.key(seed)
+            group = sample_traces(model, [prompt], rollout, marker.ids, vocab.eos_ids, key)[0][0]
+        rows = build_rows(prompt, group, marker.ids, answer_ids, 0)
+        scores = row_likelihoods(model, rows, vocab.pad_id)
     finally:
         model.train(was_training)
     trace_lp = np.stack([s.answer_logprobs for s in scores[:-1]])
     null_lp = scores[-1].answer_logprobs
     rewards, null_rewards = all_rewards(trace_lp, null_lp)
-    return ScoreReport(
+    return TokenRewards(
         question=question if isinstance(question, str) else json.dumps(question),
         answer=answer,
         marker=marker.text,
-        tokens=[tokenizer.decode([t]) for t in answer_ids],
+        tokens=[vocab.decode([t]) for t in answer_ids],
         token_ids=answer_ids,
         null_logprobs=null_lp.tolist(),
         trace_logprobs=trace_lp.tolist(),
-        traces=[tokenizer.decode(t.tokens) for t in group],
+        traces=[vocab.decode(t.tokens) for t in group],
         trace_tokens=[len(t.tokens) for t in group],
         emitted_marker=[t.emitted_marker for t in group],
         rewards=rewards,

@@ -24,15 +24,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from nrt_mlx.errors import NrtError, first_line
 from nrt_mlx.fileio import atomic_dir, check_replaceable
-from nrt_mlx.model import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    LoadedModel,
-    apply_adapters,
-    load_trained_base,
-)
-from nrt_mlx.recipe import Recipe, load_recipe
-from nrt_mlx.rundir import RunDir
+from nrt_mlx.model import LoadedModel, apply_adapters, load_trained_base
+from nrt_mlx.recipe import Recipe
+from nrt_mlx.rundir import RunDir, read_adapter_config
 
 GGUF_FILE = "model.gguf"
 GGUF_MODEL_TYPES = ("llama", "mistral", "mixtral")
@@ -73,8 +67,8 @@ def fuse_run(
     The output directory is written atomically: it appears complete or not at all.
     """
     run = RunDir(Path(run_dir))
-    recipe = read_run_recipe(run)
-    adapter_dir, step = select_adapters(run, checkpoint)
+    recipe = run.read_recipe()
+    adapter_dir, step = run.adapter_dir(checkpoint)
     adapter_cfg = read_adapter_config(adapter_dir)
     out = Path(out_dir)
     check_out_dir(out, [run.root, Path(recipe.model.path).expanduser()])
@@ -101,55 +95,7 @@ def fuse_run(
     return commit()
 
 
-# ---- reading the run ----------------------------------------------------------------------------
-
-
-def read_run_recipe(run: RunDir) -> Recipe:
-    """The resolved recipe the run saved; a missing file means this is not a run directory."""
-    if not run.root.is_dir():
-        raise NrtError(f"{run.root}: no such run directory")
-    if not run.recipe.exists():
-        raise NrtError(f"{run.root}: not an nrt-mlx run directory (no recipe.yaml)")
-    return load_recipe(run.recipe)
-
-
-def select_adapters(run: RunDir, checkpoint: int | None) -> tuple[Path, int | None]:
-    """The adapter directory to fuse and the training step it holds (None when unknown)."""
-    if checkpoint is None:
-        directory = run.adapters
-        if not (directory / ADAPTER_WEIGHTS).exists():
-            raise NrtError(
-                f"{directory}: no {ADAPTER_WEIGHTS}; has the run saved a checkpoint yet? "
-                "(pick one with --checkpoint STEP)"
-            )
-        # RUN_DIR/adapters is rewritten with every checkpoint, so it holds the latest one.
-        return directory, run.latest_checkpoint()
-    directory = run.checkpoint_dir(checkpoint)
-    if not (directory / ADAPTER_WEIGHTS).exists():
-        steps = run.list_checkpoints()
-        have = ", ".join(str(s) for s in steps) if steps else "none"
-        raise NrtError(
-            f"--checkpoint {checkpoint}: {directory} has no adapters (checkpoints in this run: {have})"
-        )
-    return directory, checkpoint
-
-
-def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
-    """``adapter_config.json``, checked for the keys mlx-lm needs to rebuild the adapters."""
-    path = adapter_dir / ADAPTER_CONFIG
-    if not path.exists():
-        raise NrtError(f"{path}: not found; the adapter directory is incomplete")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise NrtError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
-    for key in ("num_layers", "lora_parameters"):
-        if key not in cfg:
-            raise NrtError(f"{path}: key '{key}' is missing; is this an mlx-lm adapter config?")
-    kind = cfg.get("fine_tune_type", "lora")
-    if kind not in ("lora", "dora"):
-        raise NrtError(f"{path}: fine_tune_type '{kind}' cannot be fused (lora or dora expected)")
-    return cfg
+# ---- the output directory ----------------------------------------------------------------------
 
 
 def check_out_dir(out: Path, protected: list[Path]) -> None:

@@ -1,0 +1,314 @@
+"""The NRT objective, in the order of docs/NRT.md: answer probabilities, trace reward R and token
+signal s, clipping against the null-think reward, group normalisation, reward shaping, the loss.
+
+A batch (``nrt_mlx.batch``) holds K rows ``[prompt | z_k | m | y* EOS]`` and one null-think row
+``[prompt | m | y* EOS]`` per question, already checked when it was built. One forward pass gives
+log c_{k,i} on the trace rows and log b_i on the null row; under stop_gradient they give the rewards,
+with gradient the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from nrt_mlx.batch import MARKER, THINK, Batch
+from nrt_mlx.errors import NrtError
+from nrt_mlx.recipe import ObjectiveConfig, Recipe
+
+# ---- per-token answer probabilities ---------------------------------------------------------------
+
+
+def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
+    """log p(target) = logit[target] - logsumexp(logits), in float32. logits [..., V], targets [...]."""
+    logits = logits.astype(mx.float32)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+    return picked - mx.logsumexp(logits, axis=-1)
+
+
+def entropy(logits: mx.array) -> mx.array:
+    """H = logsumexp(l) - sum_v softmax(l)_v l_v per position, without gradient (a diagnostic)."""
+    logits = mx.stop_gradient(logits.astype(mx.float32))
+    lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+    return lse.squeeze(-1) - (mx.exp(logits - lse) * logits).sum(axis=-1)
+
+
+def forward(model: Any, batch: Batch) -> tuple[mx.array, mx.array]:
+    """log p(tokens[:, j] | tokens[:, <j]) and the entropy there, [B, L] each (0 at j = 0)."""
+    logits = model(batch.tokens[:, :-1])
+    zero = mx.zeros((logits.shape[0], 1), dtype=mx.float32)
+    lp = mx.concatenate([zero, token_logprobs(logits, batch.tokens[:, 1:])], axis=1)
+    return lp, mx.concatenate([zero, entropy(logits)], axis=1)
+
+
+def answer_logprobs(lp: mx.array, batch: Batch) -> mx.array:
+    """[B, T] log c_{k,i} (log b_i on null rows) of the answer tokens, 0 on padding."""
+    return mx.take_along_axis(lp, batch.answer_positions, axis=1) * batch.answer_mask
+
+
+# ---- aggregators: trace reward R [B] and token signal s = (dR/dc_i) c_i [B, T] ----------------------
+# Inputs: log c [B, T] and log b [B, T] (0 off the mask), mask [B, T]; T counts each row's answer
+# tokens. Products are exp of sums of logs, so long answers cannot underflow.
+
+AggregatorFn = Callable[[mx.array, mx.array, "mx.array | None"], tuple[mx.array, mx.array]]
+
+# c_i / b_i is capped at e^80 per token: far beyond any real ratio, yet a sum over thousands of
+# tokens and K samples stays finite in float32.
+MAX_LOG_RATIO = 80.0
+
+
+def _length(mask: mx.array) -> mx.array:
+    """T per row as [B, 1], at least 1 so an empty row gives 0 instead of 0/0."""
+    return mx.maximum(mask.sum(axis=-1, keepdims=True), 1.0)
+
+
+def log_prob(lc: mx.array, mask: mx.array, lb: mx.array | None) -> tuple[mx.array, mx.array]:
+    """R = sum_i log c_i, s_i = 1 (JLB / JEPO)."""
+    return lc.sum(axis=-1), mask
+
+
+def prob(lc: mx.array, mask: mx.array, lb: mx.array | None) -> tuple[mx.array, mx.array]:
+    """R = prod_i c_i, s_i = R (VeriFree)."""
+    reward = mx.exp(lc.sum(axis=-1))
+    return reward, reward[:, None] * mask
+
+
+def geometric_mean(lc: mx.array, mask: mx.array, lb: mx.array | None) -> tuple[mx.array, mx.array]:
+    """R = (prod_i c_i)^(1/T), s_i = R / T (NRT-GM)."""
+    n = _length(mask)
+    reward = mx.exp(lc.sum(axis=-1) / n[:, 0])
+    return reward, reward[:, None] / n * mask
+
+
+def arithmetic_mean(lc: mx.array, mask: mx.array, lb: mx.array | None) -> tuple[mx.array, mx.array]:
+    """R = (1/T) sum_i c_i, s_i = c_i / T (RLPR)."""
+    signal = mx.exp(lc) * mask / _length(mask)
+    return signal.sum(axis=-1), signal
+
+
+def weighted_sum_inverse_prob(
+    lc: mx.array, mask: mx.array, lb: mx.array | None
+) -> tuple[mx.array, mx.array]:
+    """R = (1/T) sum_i c_i / b_i, s_i = (c_i / b_i) / T (NRT-WS, 1/p weights)."""
+    signal = mx.exp(mx.minimum(lc - lb, MAX_LOG_RATIO)) * mask / _length(mask)
+    return signal.sum(axis=-1), signal
+
+
+def weighted_sum_log_prob(
+    lc: mx.array, mask: mx.array, lb: mx.array | None
+) -> tuple[mx.array, mx.array]:
+    """R = (1/T) sum_i c_i (-log b_i), s_i = c_i (-log b_i) / T (NRT-WS, the paper's best)."""
+    signal = mx.exp(lc) * (-lb) * mask / _length(mask)
+    return signal.sum(axis=-1), signal
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    fn: AggregatorFn
+    needs_null: bool  # weights tokens by the null-think probabilities b_i
+
+
+AGGREGATORS: dict[str, Aggregator] = {
+    "log_prob": Aggregator(log_prob, False),
+    "prob": Aggregator(prob, False),
+    "geometric_mean": Aggregator(geometric_mean, False),
+    "arithmetic_mean": Aggregator(arithmetic_mean, False),
+    "weighted_sum_inverse_prob": Aggregator(weighted_sum_inverse_prob, True),
+    "weighted_sum_log_prob": Aggregator(weighted_sum_log_prob, True),
+}
+
+
+def aggregate(
+    mode: str, lc: mx.array, mask: mx.array, lb: mx.array | None = None
+) -> tuple[mx.array, mx.array]:
+    """(R [B], s [B, T]) of aggregator ``mode`` from log c and log b; s is 0 off the mask.
+
+    Values off the mask are ignored (they may be anything, even inf).
+    """
+    if mode not in AGGREGATORS:
+        raise NrtError(f"unknown aggregator '{mode}', valid: {', '.join(AGGREGATORS)}")
+    agg = AGGREGATORS[mode]
+    if agg.needs_null and lb is None:
+        raise NrtError(f"aggregator '{mode}' weights tokens by b_i: pass the null-think log-probs")
+    valid = mask > 0
+    lc = mx.where(valid, lc.astype(mx.float32), 0.0)
+    lb = None if lb is None else mx.where(valid, lb.astype(mx.float32), 0.0)
+    reward, signal = agg.fn(lc, valid.astype(mx.float32), lb)
+    return reward.astype(mx.float32), mx.where(valid, signal, 0.0).astype(mx.float32)
+
+
+# ---- from rewards to advantages -------------------------------------------------------------------
+
+
+def clip_to_null(reward: mx.array, null_reward: mx.array) -> mx.array:
+    """R_k <- max(0, R_k - R_null): only what the trace adds over thinking nothing counts."""
+    return mx.maximum(reward - null_reward, 0.0)
+
+
+# Entries of a group that agree to this relative precision count as equal (float32 noise).
+EQUAL_RTOL = 1e-6
+
+
+def group_normalize(
+    values: mx.array, mask: mx.array, groups: mx.array, scale_by_std: bool = True
+) -> mx.array:
+    """(v - mean_g v) / std_g v over the masked entries of each question g; 0 elsewhere.
+
+    ``values`` and ``mask`` are [B, N] (N = 1 for trace rewards, T for token signals), ``groups``
+    [B] question ids. std is the unbiased one (N - 1), as in the released code; a group with one
+    entry, or whose entries are equal, gets 0. Without ``scale_by_std`` only the mean is removed.
+    """
+    valid = mask > 0
+    values = mx.stop_gradient(values.astype(mx.float32))
+    same = groups[:, None] == groups[None, :]  # [B, B]: rows of the same question
+
+    def per_group(x: mx.array, reduce: str, empty: float = 0.0) -> mx.array:  # [B] -> [B]
+        if reduce == "sum":
+            return (same * x[None, :]).sum(axis=-1)
+        return mx.where(same, x[None, :], empty).max(axis=-1)
+
+    # Stabilisation: deviations from the group's maximum, divided by the largest one, lie in
+    # [-1, 0], so equal values cancel exactly and squares cannot overflow (rewards such as
+    # prod c_i / b_i span dozens of orders of magnitude); the result is the same (v - mean) / std.
+    top = per_group(mx.where(valid, values, -mx.inf).max(axis=-1), "max", -mx.inf)
+    dev = mx.where(valid, values - top[:, None], 0.0)
+    scale = per_group(mx.abs(dev).max(axis=-1), "max")
+    size = per_group(mx.where(valid, mx.abs(values), 0.0).max(axis=-1), "max")
+    count = per_group(valid.sum(axis=-1).astype(mx.float32), "sum")
+    equal = (scale <= EQUAL_RTOL * size) | (count <= 1)
+    scale = mx.where(equal, 1.0, scale)
+    dev = dev / scale[:, None]
+    mean = per_group(dev.sum(axis=-1), "sum") / mx.maximum(count, 1.0)
+    centred = mx.where(valid, dev - mean[:, None], 0.0)
+    if scale_by_std:
+        var = per_group((centred * centred).sum(axis=-1), "sum") / mx.maximum(count - 1.0, 1.0)
+        out = centred / mx.sqrt(mx.maximum(var, 1e-30))[:, None]
+    else:
+        out = centred * scale[:, None]
+    return mx.where(valid & ~equal[:, None], out, 0.0)
+
+
+@dataclass
+class Rewards:
+    """What the loss needs from the rewards; no field carries a gradient."""
+
+    trace_reward: mx.array  # [B] raw R (null rows: R_null)
+    advantage: mx.array  # [B] A: normalised (clipped) trace reward, 0 on null rows
+    token_signal: mx.array  # [B, T] normalised s (or 1 under fixed_token_reward), 0 on null rows
+
+
+def shape_rewards(lc: mx.array, batch: Batch, cfg: ObjectiveConfig) -> Rewards:
+    """Rewards from the [B, T] answer log-probs of a batch whose null rows give b_i and R_null."""
+    lc = mx.stop_gradient(lc)
+    mask, train = batch.answer_mask, ~batch.is_null
+    lb = lc[batch.null_row]
+    reward, signal = aggregate(cfg.aggregator, lc, mask, lb)
+    used = clip_to_null(reward, reward[batch.null_row]) if cfg.clip_to_null else reward
+    rows = train[:, None].astype(mx.float32)
+    advantage = group_normalize(used[:, None], rows, batch.question, cfg.scale_by_std)
+    if cfg.fixed_token_reward:  # s = 1: plain cross-entropy of y* after each sampled trace
+        signal = mask * rows
+    else:
+        signal = group_normalize(signal, mask * rows, batch.question, cfg.scale_by_std)
+    return Rewards(reward, advantage[:, 0], mx.stop_gradient(signal))
+
+
+# ---- the loss ---------------------------------------------------------------------------------------
+
+
+def clipped_ratio(
+    lp: mx.array, old_lp: mx.array, advantage: mx.array, cfg: ObjectiveConfig
+) -> tuple[mx.array, mx.array]:
+    """rho_t = clamp(p / p_old, 1 - eps_low, 1 + eps_high) without gradient (CISPO), [B, L].
+
+    Tokens with A > 0 and ratio above 1 + eps_high, or A < 0 and ratio below 1 - eps_low, are
+    masked out (rho = 0); the mask is returned too.
+    """
+    low, high = 1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high
+    ratio = mx.exp(mx.stop_gradient(lp) - old_lp)
+    a = advantage[:, None]
+    masked = ((a > 0) & (ratio > high)) | ((a < 0) & (ratio < low))
+    return mx.where(masked, 0.0, mx.clip(ratio, low, high)), masked
+
+
+def nrt_loss(
+    model: Any, batch: Batch, cfg: ObjectiveConfig, normalizer: float, fixed: Rewards | None = None
+) -> tuple[mx.array, dict[str, mx.array]]:
+    """L = mean over trace rows of (c_trace L_trace + c_token L_token + c_format L_format) / N::
+
+        L_trace  = - A_k sum_{t in z_k, m} rho_t log p(t)
+        L_token  = - sum_i s_{k,i} log p(y*_i | x, z_k, m, y*_<i)
+        L_format = - log p(m | x, z_k)         rows whose sample did not emit m itself
+
+    With A fixed, grad L_trace is REINFORCE, grad L_token the signal-weighted cross-entropy: together
+    the paper's eq. nrt_gradient. ``fixed`` rewards (from ``reference_pass``, with
+    ``batch.old_logprobs``) serve several updates on one rollout; by default the rewards come from
+    this same forward pass and rho = 1. Returns the loss and device arrays for the step figures.
+    """
+    lp, ent = forward(model, batch)
+    lc = answer_logprobs(lp, batch)
+    rewards = fixed if fixed is not None else shape_rewards(lc, batch, cfg)
+    train = (~batch.is_null).astype(mx.float32)
+    advantage = rewards.advantage * train
+    on_trace = (batch.segments == THINK) | (batch.segments == MARKER)
+    rho, masked = mx.ones_like(lp), mx.zeros(lp.shape, dtype=mx.bool_)
+    if batch.old_logprobs is not None:
+        rho, masked = clipped_ratio(lp, batch.old_logprobs, advantage, cfg)
+    trace = -advantage * mx.where(on_trace, rho * lp, 0.0).sum(axis=-1)
+    token = -(rewards.token_signal * lc).sum(axis=-1) * train
+    emitted = batch.emitted_marker.astype(mx.float32)
+    fmt = -mx.where(batch.segments == MARKER, lp, 0.0).sum(axis=-1) * train * (1.0 - emitted)
+    rows = mx.maximum(train.sum(), 1.0)
+    terms = {
+        k: (v.sum() / rows) / normalizer
+        for k, v in (("trace_loss", trace), ("token_loss", token), ("format_loss", fmt))
+    }
+    loss = (
+        cfg.trace_coef * terms["trace_loss"]
+        + cfg.token_coef * terms["token_loss"]
+        + cfg.format_coef * terms["format_loss"]
+    )
+    think = batch.segments == THINK
+    figures = {
+        "loss": loss,
+        **terms,
+        "trace_reward": rewards.trace_reward,
+        "answer_nll": -lc.sum(axis=-1) / mx.maximum(batch.answer_mask.sum(axis=-1), 1.0),
+        "think_entropy": mx.where(think, ent, 0.0).sum(axis=-1),
+        "clipped_tokens": (masked & on_trace & (train[:, None] > 0)).sum(),
+        "ratio_tokens": (on_trace & (train[:, None] > 0)).sum(),
+    }
+    return loss, {k: mx.stop_gradient(v) for k, v in figures.items()}
+
+
+def reference_pass(model: Any, batch: Batch, cfg: ObjectiveConfig) -> tuple[Rewards, mx.array]:
+    """Rewards and [B, L] token log-probs under the weights that sampled the batch, no gradient:
+    fixed before the first of several updates on one rollout (the old log-probs of rho)."""
+    lp, _ = forward(model, batch)
+    lp = mx.stop_gradient(lp)
+    return shape_rewards(answer_logprobs(lp, batch), batch, cfg), lp
+
+
+def default_normalizer(recipe: Recipe) -> float:
+    """N, the divisor of every row's token sums: objective.normalizer, else the longest possible
+    trace plus answer (max_think_tokens + max_answer_tokens), a constant as in the paper's loss."""
+    return float(
+        recipe.objective.normalizer
+        or recipe.rollout.max_think_tokens + recipe.data.max_answer_tokens
+    )
+
+
+def sft_loss(
+    model: Any, batch: Batch, normalizer: float = 0
+) -> tuple[mx.array, dict[str, mx.array]]:
+    """The SFT baseline: -sum_i log p(y*_i | x, y*_<i) per row, divided by ``normalizer`` when it
+    is > 0, else by the row's answer length (CE per token); mean over rows."""
+    lp, _ = forward(model, batch)
+    lc = answer_logprobs(lp, batch)
+    n_answer = mx.maximum(batch.answer_mask.sum(axis=-1), 1.0)
+    nll = -lc.sum(axis=-1)
+    loss = (nll / (normalizer if normalizer > 0 else n_answer)).mean()
+    return loss, {"loss": mx.stop_gradient(loss), "answer_nll": mx.stop_gradient(nll / n_answer)}
