@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from nrt_mlx.collapse import CollapseMonitor, distinct_n
+from nrt_mlx.collapse import CollapseMonitor
+from nrt_mlx.stats import distinct_n
 from nrt_mlx.errors import NrtError
 
 

@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from nrt_mlx.cli import app
-from nrt_mlx.rewards import AGGREGATORS
+from nrt_mlx.objective import AGGREGATORS
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "recipes" / "data"
