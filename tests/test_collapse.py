@@ -6,8 +6,8 @@ import random
 import pytest
 
 from nrt_mlx.collapse import CollapseMonitor
-from nrt_mlx.stats import distinct_n
 from nrt_mlx.errors import NrtError
+from nrt_mlx.stats import distinct_n
 
 
 def test_distinct_n_counts_repeated_ngrams_across_traces():
