@@ -1,7 +1,7 @@
 """Use a real BLAS for MLX's CPU backend on Linux.
 
 The ``mlx[cpu]`` wheel links a bundled reference (netlib) BLAS, ~40x slower than OpenBLAS on a
-1024x1024 matmul (../shared/PLATFORM.md). Loading the system OpenBLAS with ``RTLD_GLOBAL`` before
+1024x1024 matmul (docs/CPU.md). Loading the system OpenBLAS with ``RTLD_GLOBAL`` before
 ``mlx.core`` is imported puts its ``sgemm_`` ahead of the bundled one in the global symbol scope, so
 MLX calls it: the same effect as ``LD_PRELOAD`` without re-executing the process.
 

@@ -47,7 +47,7 @@ def resolve_quantize(cfg: ModelConfig) -> int | None:
     """Bits to quantize to, or None for dense.
 
     ``auto`` is 4-bit QLoRA on Metal and CUDA, and dense fp32 on the CPU backend, whose quantized
-    matmul is a slow generic kernel (../shared/PLATFORM.md: ~57x slower than dense).
+    matmul is a slow generic kernel (docs/CPU.md: ~57x slower than dense).
     """
     q = cfg.quantize
     if q == "none":

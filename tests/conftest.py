@@ -38,7 +38,7 @@ def tiny_bos_no_template_model_dir(tmp_path_factory: pytest.TempPathFactory) -> 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_bos_plain"), spec)
 
 
-# ---- fuse / upload (issue 5) -----------------------------------------------------------------
+# ---- fuse / upload ---------------------------------------------------------------------------
 
 TINY_RUN_MARKER = "<|reserved_0|>"
 TINY_BASE_README = """---

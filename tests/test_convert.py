@@ -1,4 +1,4 @@
-"""GGUF conversion (issue 4): correctness against independent references, and bad inputs.
+"""GGUF conversion: correctness against independent references, and bad inputs.
 
 Everything that checks the converter here is written independently of ``nrt_mlx.export.gguf`` and
 ``nrt_mlx.export.convert``: a GGUF writer and reader with ``struct``, block (de)quantizers in numpy, a

@@ -6,7 +6,7 @@ of it, converts it once and returns the cached mlx-lm directory.
 
 The cached conversion is dense float32 (``dequantize=True``): it is what training and sampling
 want on the CPU backend, where quantized and float16 matmuls are one to two orders of magnitude
-slower than float32 ones (../shared/PLATFORM.md); at 135M parameters the 540 MB it takes is no
+slower than float32 ones (docs/CPU.md); at 135M parameters the 540 MB it takes is no
 burden, and it gives the same numbers on every backend. Layout of the cache directory::
 
     <cache>/gguf/SmolLM2-135M-Instruct.Q4_1.gguf   the file from the wheel (kept for reconversion)
