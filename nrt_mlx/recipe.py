@@ -164,39 +164,49 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise NrtError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise NrtError(f"{where}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise NrtError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
+    scalar = _SCALARS.get(hint)
+    return scalar(value, where) if scalar else value
+
+
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise NrtError(f"{where}: expected true or false, got {value!r}")
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
             return int(value)
-        raise NrtError(f"{where}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        except ValueError:
+            pass
+    raise NrtError(f"{where}: expected an integer, got {value!r}")
+
+
+def _float(value: Any, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise NrtError(f"{where}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise NrtError(f"{where}: expected a string, got {value!r}")
-    return value
+        except ValueError:
+            pass
+    raise NrtError(f"{where}: expected a number, got {value!r}")
+
+
+def _str(value: Any, where: str) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise NrtError(f"{where}: expected a string, got {value!r}")
+
+
+_SCALARS = {bool: _bool, int: _int, float: _float, str: _str}
 
 
 def _section_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
