@@ -30,10 +30,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
 def atomic_dir(final: str | Path) -> tuple[Path, Callable[[], Path]]:
     """A temporary directory beside ``final`` and a function that moves it into place.
 

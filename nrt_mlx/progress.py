@@ -64,12 +64,6 @@ class Reporter:
             elapsed = time.perf_counter() - self.start_time
             print(f"{format_metrics(metrics)} | {elapsed:.0f}s", file=sys.stderr, flush=True)
 
-    def log(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(message)
-        else:
-            print(message, file=sys.stderr, flush=True)
-
     def warn(self, message: str) -> None:
         if self.progress is not None:
             self.progress.console.print(f"[bold yellow]warning:[/] {message}")
