@@ -212,3 +212,20 @@ def test_trained_run_fuses_into_a_standalone_model(tmp_path, tiny_model_dir):
     fused = logits(tmp_path / "fused", None)
     np.testing.assert_allclose(fused, logits(tiny_model_dir, run / "adapters"), atol=1e-4)
     assert not np.allclose(fused, logits(tiny_model_dir, None), atol=1e-5)
+
+
+def test_clip_fraction_is_logged_when_the_clipped_ratio_is_active(tmp_path, tiny_model_dir):
+    """Several updates per rollout: from the second update on, tokens leave the trust region."""
+    several = make_recipe(
+        tmp_path,
+        tiny_model_dir,
+        "several",
+        optimizer={"learning_rate": 1e-2, "warmup_ratio": 0.0},
+        train={"steps": 2, "updates_per_rollout": 3},
+    )
+    cli("train", str(several), "--quiet")
+    rows = metrics(tmp_path / "several")
+    assert all(0 < r["clip_fraction"] < 1 for r in rows), [r["clip_fraction"] for r in rows]
+    one = make_recipe(tmp_path, tiny_model_dir, "one", train={"steps": 1})
+    cli("train", str(one), "--quiet")
+    assert "clip_fraction" not in metrics(tmp_path / "one")[0]  # rho = 1: nothing to clip
