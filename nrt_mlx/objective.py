@@ -202,6 +202,8 @@ class Rewards:
 
 def shape_rewards(lc: mx.array, batch: Batch, cfg: ObjectiveConfig) -> Rewards:
     """Rewards from the [B, T] answer log-probs of a batch whose null rows give b_i and R_null."""
+    if batch.trace_rows == batch.tokens.shape[0]:
+        raise NrtError("the batch has no null-think rows; build NRT rows with batch.build_rows")
     lc = mx.stop_gradient(lc)
     mask, train = batch.answer_mask, ~batch.is_null
     lb = lc[batch.null_row]

@@ -54,7 +54,7 @@ class Vocabulary:
         return cls(
             tokenizer=tokenizer,
             marker=resolve_marker(tokenizer, marker),
-            eos_ids=frozenset(getattr(tokenizer, "eos_token_ids", None) or [int(eos)]),
+            eos_ids=frozenset(_eos_ids(tokenizer) or [int(eos)]),
             eos_id=int(eos),
             pad_id=int(pad) if pad is not None else int(eos),
         )
@@ -176,9 +176,18 @@ def _added_tokens(tokenizer: Any) -> dict[int, tuple[str, bool]]:
     return out
 
 
+def _eos_ids(tokenizer: Any) -> set[int]:
+    """mlx-lm's ``eos_token_ids`` (a set); a plain Hugging Face tokenizer answers that name with
+    one int (transformers maps ``*_ids`` to the token's id)."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if ids is None:
+        return set()
+    return {int(ids)} if isinstance(ids, int) else {int(i) for i in ids}
+
+
 def _reserved_ids(tokenizer: Any) -> set[int]:
     """Ids a marker must never be: bos, eos (all of them), pad and unk."""
-    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    ids = _eos_ids(tokenizer)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         value = getattr(tokenizer, name, None)
         if value is not None:
