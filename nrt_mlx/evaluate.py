@@ -137,19 +137,21 @@ class RowLikelihood:
 
 
 def _chunks(rows: list[Row], batch_tokens: int) -> list[list[Row]]:
-    """Consecutive rows whose padded size (rows x longest row) stays within ``batch_tokens``."""
-    out: list[list[Row]] = []
-    current: list[Row] = []
-    longest = 0
+    """Runs of whole questions (consecutive rows of one ``question`` id) whose padded size (rows x
+    longest row) stays within ``batch_tokens``; a question larger than that is a chunk alone."""
+    groups: list[list[Row]] = []
     for row in rows:
-        size = max(longest, len(row.tokens))
-        if current and size * (len(current) + 1) > batch_tokens:
-            out.append(current)
-            current, size = [], len(row.tokens)
-        current.append(row)
-        longest = size
-    if current:
-        out.append(current)
+        if groups and groups[-1][0].question == row.question:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    out: list[list[Row]] = []
+    for group in groups:
+        merged = (out[-1] if out else []) + group
+        if out and len(merged) * max(len(r.tokens) for r in merged) <= batch_tokens:
+            out[-1] = merged
+        else:
+            out.append(group)
     return out
 
 

@@ -316,6 +316,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         (recipe.lora.layers >= 1 or recipe.lora.layers == -1, "lora.layers must be >= 1 (-1: all)"),
         (recipe.lora.rank >= 1, "lora.rank must be at least 1"),
         (recipe.optimizer.learning_rate > 0, "optimizer.learning_rate must be > 0"),
+        (recipe.objective.normalizer >= 0, "objective.normalizer must be >= 0 (0: automatic)"),
         (len(recipe.optimizer.betas) == 2, "optimizer.betas must be a list of two numbers"),
         (0 <= recipe.optimizer.warmup_ratio < 1, "optimizer.warmup_ratio must be in [0, 1)"),
     ]

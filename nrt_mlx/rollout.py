@@ -116,9 +116,10 @@ def sample_traces(
     def finished(seq: list[int]) -> bool:
         if seq[-m:] == marker or seq[-1] in eos_ids:
             return True
-        # Past the think budget only a marker still being written may continue.
-        tail = seq[budget:]
-        return len(seq) >= budget and (not tail or marker[: len(tail)] != tail or len(tail) >= m)
+        # From the think budget on, only a marker begun within the budget may be completed.
+        return len(seq) >= budget and not any(
+            seq[-p:] == marker[:p] and len(seq) - p < budget for p in range(1, m)
+        )
 
     seqs, stats = _decode(model, prompts, cfg.samples, pick, finished, budget + m)
     traces = []

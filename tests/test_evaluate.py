@@ -1,7 +1,9 @@
-"""nrt-mlx eval: determinism, NLL figures against a plain forward pass, generation, options, CLI."""
+"""nrt-mlx eval: determinism, NLL figures against a plain forward pass, generation, options, the
+config builder, tables, CLI."""
 
 import json
 import shutil
+from dataclasses import replace
 
 import mlx.core as mx
 import mlx_lm
@@ -10,13 +12,16 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from typer.testing import CliRunner
 
+from nrt_mlx.analysis.tables import eval_tables, render_text
 from nrt_mlx.cli import app
 from nrt_mlx.data import Example
 from nrt_mlx.errors import NrtError
-from nrt_mlx.evaluate import EvalConfig, evaluate, exact_match, find_adapters, token_f1
+from nrt_mlx.evaluate import EvalConfig, eval_config, evaluate, exact_match, token_f1
 from nrt_mlx.model import adapter_config, add_adapters, load_model, save_adapters
-from nrt_mlx.recipe import LoraConfig, ModelConfig, Recipe, save_recipe
-from nrt_mlx.sequences import encode_answer, encode_prompt, resolve_marker
+from nrt_mlx.recipe import LoraConfig, ModelConfig, Recipe, RolloutConfig, save_recipe
+from nrt_mlx.rollout import sample_traces
+from nrt_mlx.rundir import DEFAULT_EVAL_THINK_TOKENS, find_adapters
+from nrt_mlx.vocab import Vocabulary
 
 EXAMPLES = [
     Example([{"role": "user", "content": "What is the capital of France?"}], "Paris", 1),
@@ -29,18 +34,35 @@ EXAMPLES = [
     Example([{"role": "user", "content": "why is the sky blue"}], "because of light", 3),
 ]
 
-CFG = EvalConfig(samples=3, max_think_tokens=10, max_answer_tokens=5)
+CFG = eval_config(samples=3, max_think_tokens=10, max_answer_tokens=5)
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir):
-    return mlx_lm.load(str(tiny_model_dir))
+def model_and_vocab(tiny_model_dir):
+    model, tok = mlx_lm.load(str(tiny_model_dir))
+    return model, Vocabulary.of(tok, "auto")
 
 
 @pytest.fixture(scope="module")
-def report(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    return evaluate(model, tok, EXAMPLES, CFG)
+def report(model_and_vocab):
+    model, vocab = model_and_vocab
+    return evaluate(model, vocab, EXAMPLES, CFG)
+
+
+@pytest.fixture(scope="module")
+def trace_ids(model_and_vocab, report):
+    """The token ids of the report's traces, traces[q][k]: sampled again the way evaluate samples
+    them (the first of two keys of the seed), and checked against what the report recorded."""
+    model, vocab = model_and_vocab
+    prompts = [vocab.encode_prompt(ex.messages, CFG.rollout.think_prefix) for ex in EXAMPLES]
+    key = mx.random.split(mx.random.key(CFG.seed))[0]
+    traces, _ = sample_traces(model, prompts, CFG.rollout, vocab.marker.ids, vocab.eos_ids, key)
+    for group, record in zip(traces, report.questions):
+        assert len(group) == len(record["generations"]) == CFG.rollout.samples
+        for t, g in zip(group, record["generations"]):
+            assert g["trace"] == vocab.decode(t.tokens) and g["trace_tokens"] == len(t.tokens)
+            assert g["emitted_marker"] == t.emitted_marker
+    return [[t.tokens for t in group] for group in traces]
 
 
 def plain_logprobs(model, ids: list[int]) -> np.ndarray:
@@ -54,23 +76,27 @@ def answer_nll(model, context: list[int], answer: list[int]) -> float:
     return float(-plain_logprobs(model, context + answer)[-len(answer) :].mean())
 
 
-def test_same_seed_same_numbers_other_seed_other_numbers(model_and_tokenizer, report):
-    model, tok = model_and_tokenizer
-    again = evaluate(model, tok, EXAMPLES, CFG)
+def trace_texts(report) -> list[str]:
+    return [g["trace"] for q in report.questions for g in q["generations"]]
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(model_and_vocab, report):
+    model, vocab = model_and_vocab
+    again = evaluate(model, vocab, EXAMPLES, CFG)
     assert again.summary == report.summary
     assert again.questions == report.questions
-    other = evaluate(model, tok, EXAMPLES, EvalConfig(**{**CFG.__dict__, "seed": 1}))
-    assert other.trace_ids != report.trace_ids
+    other = evaluate(model, vocab, EXAMPLES, replace(CFG, seed=1))
+    assert trace_texts(other) != trace_texts(report)
     assert other.summary["trace_nll_mean"] != report.summary["trace_nll_mean"]
     # No trace involved: the null-think NLL does not depend on the seed.
     assert other.summary["null_nll"] == pytest.approx(report.summary["null_nll"], abs=1e-6)
 
 
-def test_nll_figures_agree_with_a_plain_forward_pass(model_and_tokenizer, report):
-    model, tok = model_and_tokenizer
-    marker = resolve_marker(tok, "auto")
-    for ex, record, traces in zip(EXAMPLES, report.questions, report.trace_ids):
-        prompt, answer = encode_prompt(tok, ex.messages), encode_answer(tok, ex.answer)
+def test_nll_figures_agree_with_a_plain_forward_pass(model_and_vocab, report, trace_ids):
+    model, vocab = model_and_vocab
+    marker = vocab.marker
+    for ex, record, traces in zip(EXAMPLES, report.questions, trace_ids):
+        prompt, answer = vocab.encode_prompt(ex.messages), vocab.encode_answer(ex.answer)
         null = answer_nll(model, prompt + marker.ids, answer)
         assert record["null_nll"] == pytest.approx(null, abs=1e-4)
         expected = [answer_nll(model, prompt + z + marker.ids, answer) for z in traces]
@@ -84,40 +110,53 @@ def test_nll_figures_agree_with_a_plain_forward_pass(model_and_tokenizer, report
     )
     assert report.summary["questions"] == 3 and report.summary["samples"] == 3
     assert report.summary["trace_entropy"] > 0 and 0 < report.summary["distinct_2"] <= 1
+    # The report's config is flat: the rollout's settings beside eval's own, and the marker text.
+    assert report.config["samples"] == 3 and report.config["max_think_tokens"] == 10
+    assert report.config["max_answer_tokens"] == 5 and "rollout" not in report.config
+    assert report.config["marker_text"] == vocab.marker.text
 
 
-def test_generated_answers_are_greedy_after_trace_and_marker(model_and_tokenizer, report):
-    model, tok = model_and_tokenizer
-    marker = resolve_marker(tok, "auto")
-    eos = set(tok.eos_token_ids)
-    ex, record, traces = EXAMPLES[0], report.questions[0], report.trace_ids[0]
+def test_generated_answers_are_greedy_after_trace_and_marker(model_and_vocab, report, trace_ids):
+    model, vocab = model_and_vocab
+    marker = vocab.marker
+    eos = vocab.eos_ids
+    ex, record, traces = EXAMPLES[0], report.questions[0], trace_ids[0]
     for z, generation in zip(traces, record["generations"]):
-        ids = encode_prompt(tok, ex.messages) + z + marker.ids
+        ids = vocab.encode_prompt(ex.messages) + z + marker.ids
         out: list[int] = []
         for _ in range(CFG.max_answer_tokens):
             nxt = int(mx.argmax(model(mx.array(ids + out)[None])[0, -1]).item())
             if nxt in eos:
                 break
             out.append(nxt)
-        assert generation["answer"] == tok.decode(out)
+        assert generation["answer"] == vocab.decode(out)
         assert generation["f1"] == token_f1(generation["answer"], ex.answer)
+        assert generation["exact_match"] == exact_match(generation["answer"], ex.answer)
     assert record["f1"] == pytest.approx(np.mean([g["f1"] for g in record["generations"]]))
 
 
-def test_options_are_scored_by_likelihood(model_and_tokenizer, report):
-    model, tok = model_and_tokenizer
-    marker = resolve_marker(tok, "auto")
+def test_options_are_scored_by_likelihood(model_and_vocab, report, trace_ids):
+    model, vocab = model_and_vocab
+    marker = vocab.marker
     ex, record = EXAMPLES[1], report.questions[1]
     assert record["correct_option"] == 1  # "Four." normalises to "four"
-    prompt = encode_prompt(tok, ex.messages)
-    null_lp = [
-        plain_logprobs(model, prompt + marker.ids + encode_answer(tok, o))[
-            -len(encode_answer(tok, o)) :
-        ].sum()
-        for o in ex.options
-    ]
+    prompt = vocab.encode_prompt(ex.messages)
+
+    def option_lp(context: list[int], option: str) -> float:
+        answer = vocab.encode_answer(option)
+        return float(plain_logprobs(model, context + answer)[-len(answer) :].sum())
+
+    null_lp = [option_lp(prompt + marker.ids, o) for o in ex.options]
     assert record["pick_null"] == int(np.argmax(null_lp))
     assert record["mc_acc_null"] == float(record["pick_null"] == 1)
+    # With traces: log (1/K) sum_k p(o | x, z_k, m), the mean of the probabilities over the traces.
+    trace_lp = [
+        np.logaddexp.reduce([option_lp(prompt + z + marker.ids, o) for z in trace_ids[1]])
+        - np.log(len(trace_ids[1]))
+        for o in ex.options
+    ]
+    assert record["pick_likelihood"] == int(np.argmax(trace_lp))
+    assert record["mc_acc_likelihood"] == float(record["pick_likelihood"] == 1)
     assert report.summary["mc_questions"] == 1
     assert report.summary["mc_acc_likelihood"] == record["mc_acc_likelihood"]
     assert "mc_acc_null" not in report.questions[0]  # no options there
@@ -130,21 +169,67 @@ def test_answer_matching_is_normalised():
     assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
 
 
-def test_no_generation_and_bad_settings(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_no_generation_and_bad_settings(model_and_vocab):
+    model, vocab = model_and_vocab
     quick = evaluate(
         model,
-        tok,
+        vocab,
         EXAMPLES,
-        EvalConfig(samples=1, max_think_tokens=4, generate=False, max_questions=2),
+        eval_config(samples=1, max_think_tokens=4, generate=False, max_questions=2),
     )
     assert quick.summary["questions"] == 2 and "f1" not in quick.summary
-    assert quick.metrics()["eval_null_nll"] == quick.summary["null_nll"]
-    for bad in (EvalConfig(samples=0), EvalConfig(temperature=0), EvalConfig(top_p=1.5)):
+    assert len(quick.questions) == 2 and "exact_match" not in quick.questions[0]
+    assert all("answer" not in g for q in quick.questions for g in q["generations"])
+    # The terminal tables: the summary, and one line per question with "-" for the missing EM/F1.
+    text = render_text(eval_tables(quick), width=120)
+    assert "null_nll" in text and "capital of France" in text and "questions (first 2 of 2)" in text
+    line = next(row for row in text.splitlines() if "two plus two" in row)
+    assert line.count(" - ") >= 2
+    bad_settings = (
+        eval_config(samples=0),
+        eval_config(max_think_tokens=0),
+        eval_config(temperature=0),
+        eval_config(top_p=1.5),
+        eval_config(max_questions=-1),
+        eval_config(max_answer_tokens=0),
+        eval_config(batch_tokens=0),
+    )
+    for bad in bad_settings:
         with pytest.raises(NrtError, match="eval:"):
-            evaluate(model, tok, EXAMPLES, bad)
+            evaluate(model, vocab, EXAMPLES, bad)
     with pytest.raises(NrtError, match="no questions"):
-        evaluate(model, tok, [], EvalConfig())
+        evaluate(model, vocab, [], EvalConfig())
+
+
+def test_eval_config_puts_each_override_in_its_place():
+    run = RolloutConfig(
+        samples=8,
+        max_think_tokens=33,
+        temperature=0.7,
+        top_p=0.9,
+        marker="\nA:",
+        think_prefix="<t>",
+    )
+    cfg = eval_config(run, samples=2, marker="X", seed=5, max_answer_tokens=7, generate=False)
+    # Rollout fields go to cfg.rollout, the others to EvalConfig itself.
+    assert cfg.rollout == replace(run, samples=2, marker="X")
+    assert (cfg.seed, cfg.max_answer_tokens, cfg.generate) == (5, 7, False)
+    assert (cfg.max_questions, cfg.batch_tokens) == (EvalConfig().max_questions, 2048)
+    assert not hasattr(cfg, "samples") and not hasattr(cfg.rollout, "seed")
+    assert run.samples == 8 and run.marker == "\nA:"  # the run's settings are not changed
+    # None keeps the value: the run's for rollout fields, EvalConfig's default for the others.
+    kept = eval_config(run, samples=None, max_think_tokens=None, marker=None, seed=None)
+    assert kept.rollout == run and kept.seed == EvalConfig().seed
+    assert eval_config(run, generate=None, batch_tokens=None).generate is True
+    assert eval_config(None, max_answer_tokens=None) == EvalConfig()
+    assert eval_config(max_think_tokens=12).rollout == RolloutConfig(max_think_tokens=12)
+    # A falsy value is a value: 0 and False override.
+    zero = eval_config(run, max_questions=0, seed=0, generate=False, samples=0)
+    assert zero.generate is False and zero.rollout.samples == 0
+    flat = cfg.to_dict()
+    assert flat["samples"] == 2 and flat["seed"] == 5 and flat["think_prefix"] == "<t>"
+    with pytest.raises((TypeError, NrtError)):
+        eval_config(run, sample=3)  # a misspelt name is not silently ignored
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,8 +276,11 @@ def test_find_adapters_resolves_runs_checkpoints_and_adapter_dirs(run_dir, tmp_p
     assert find_adapters(step).adapter_dir == step and find_adapters(step).recipe is not None
     bare = find_adapters(shutil.copytree(run_dir / "adapters", tmp_path / "bare"))
     # Without a recipe, adapter_config.json still names the base model and the marker.
-    assert bare.recipe is None and bare.marker == "\nAnswer:\n"
+    assert bare.recipe is None and bare.rollout().marker == "\nAnswer:\n"
+    assert bare.rollout().max_think_tokens == DEFAULT_EVAL_THINK_TOKENS
     assert bare.base_model == find_adapters(run_dir).base_model != ""
+    # With a recipe, the run's own rollout settings.
+    assert find_adapters(run_dir).rollout() == find_adapters(run_dir).recipe.rollout
     with pytest.raises(NrtError, match="no such run"):
         find_adapters(tmp_path / "missing")
     with pytest.raises(NrtError, match="no adapters.safetensors"):
@@ -260,10 +348,10 @@ def test_eval_cli_bad_input_is_one_line(run_dir, data_file, tmp_path):
     assert "missing --model" in one_line_error(no_model)
 
 
-def test_forward_chunking_does_not_change_the_numbers(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    cfg = EvalConfig(samples=2, max_think_tokens=6, generate=False)
-    one_batch = evaluate(model, tok, EXAMPLES, cfg)
-    row_by_row = evaluate(model, tok, EXAMPLES, EvalConfig(**{**cfg.__dict__, "batch_tokens": 1}))
+def test_forward_chunking_does_not_change_the_numbers(model_and_vocab):
+    model, vocab = model_and_vocab
+    cfg = eval_config(samples=2, max_think_tokens=6, generate=False)
+    one_batch = evaluate(model, vocab, EXAMPLES, cfg)
+    row_by_row = evaluate(model, vocab, EXAMPLES, replace(cfg, batch_tokens=1))
     for key, value in one_batch.summary.items():
         assert row_by_row.summary[key] == pytest.approx(value, abs=1e-5), key

@@ -73,6 +73,7 @@ def test_values_are_typed_and_overrides_apply(tmp_path):
         ("train:\n  method: dpo\n", [], "'nrt', 'sft'"),
         ("train:\n  steps: 3: 4\n", [], "line 2"),
         ("", ["steps=3"], "expected section.key=value"),
+        ("", ["objective.normalizer=-5"], "objective.normalizer must be >= 0"),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, text, overrides, expected):

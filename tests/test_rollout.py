@@ -1,4 +1,5 @@
-"""Batched rationale sampling: stops, determinism, log-probabilities, shared prompt caches."""
+"""Batched decoding: sampled traces (stops, determinism, the model's own distribution, shared
+prompt caches), top-p, and greedy answers against step-by-step argmax decoding."""
 
 import mlx.core as mx
 import mlx_lm
@@ -6,7 +7,9 @@ import numpy as np
 import pytest
 
 from nrt_mlx.recipe import RolloutConfig
-from nrt_mlx.rollout import sample_tokens, sample_traces
+from nrt_mlx.rollout import greedy_answers, sample_tokens, sample_traces
+
+MARKER, EOS = [4], {2}  # <|reserved_1|> and <|im_end|> of the tiny tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -15,32 +18,116 @@ def model_and_tokenizer(tiny_model_dir):
 
 
 def full_logprobs(model, ids):
-    logits = model(mx.array(ids)[None])[0]
+    """log p(. | ids[:j+1]) at every position j, from one plain (unbatched, uncached) forward pass."""
+    logits = model(mx.array(ids)[None])[0].astype(mx.float32)
     return np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
 
-def test_traces_match_the_model_and_are_deterministic(model_and_tokenizer):
+def nucleus(logprobs: np.ndarray, temperature: float, top_p: float) -> set[int]:
+    """The tokens ``sample_tokens`` may draw: the smallest top-probability prefix of the tempered
+    distribution whose mass reaches ``top_p`` (with a little slack for float rounding)."""
+    scaled = logprobs / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    before = np.cumsum(probs[order]) - probs[order]
+    return {int(t) for t in order[before < top_p + 1e-4]}
+
+
+def argmax_decode(model, context, eos, max_tokens, stop=None) -> list[int]:
+    """Greedy decoding one token at a time, each from a plain forward pass over everything so far;
+    ends after a token in ``eos`` (dropped), when the tokens end with ``stop`` (kept), or at
+    ``max_tokens``."""
+    out: list[int] = []
+    while len(out) < max_tokens:
+        nxt = int(np.argmax(full_logprobs(model, context + out)[-1]))
+        if nxt in eos:
+            break
+        out.append(nxt)
+        if stop and out[-len(stop) :] == stop:
+            break
+    return out
+
+
+def ended_eos(trace, budget: int) -> bool:
+    """A trace without the marker ended by EOS exactly when it is shorter than the think budget."""
+    return not trace.emitted_marker and len(trace.tokens) < budget
+
+
+def test_traces_are_deterministic_and_count_every_token(model_and_tokenizer):
     model, tok = model_and_tokenizer
     prompts = [tok.encode("What is the capital of France? Think first."), tok.encode("one two")]
     cfg = RolloutConfig(samples=3, max_think_tokens=12, temperature=0.8, top_p=0.95)
-    traces, stats = sample_traces(model, prompts, cfg, [4], {2}, mx.random.key(3))
-    again, _ = sample_traces(model, prompts, cfg, [4], {2}, mx.random.key(3))
-    other, _ = sample_traces(model, prompts, cfg, [4], {2}, mx.random.key(4))
+    traces, stats = sample_traces(model, prompts, cfg, MARKER, EOS, mx.random.key(3))
+    again, _ = sample_traces(model, prompts, cfg, MARKER, EOS, mx.random.key(3))
+    other, _ = sample_traces(model, prompts, cfg, MARKER, EOS, mx.random.key(4))
     flat = [t.tokens for g in traces for t in g]
     assert flat == [t.tokens for g in again for t in g]
+    assert [t.emitted_marker for g in traces for t in g] == [
+        t.emitted_marker for g in again for t in g
+    ]
     assert flat != [t.tokens for g in other for t in g]
     assert len(traces) == 2 and all(len(g) == 3 for g in traces)
     assert len({tuple(t.tokens) for t in traces[0]}) > 1  # K samples differ
+    for t in (t for g in traces for t in g):
+        assert len(t.tokens) <= cfg.max_think_tokens
+        assert MARKER[0] not in t.tokens and not EOS & set(t.tokens)  # stop tokens are dropped
     # Throughput counts every generated token, the stop tokens (marker, EOS) included.
-    stops = sum(t.emitted_marker or t.ended_eos for g in traces for t in g)
+    stops = sum(t.emitted_marker or ended_eos(t, 12) for g in traces for t in g)
     assert stats.tokens == sum(len(t) for t in flat) + stops and stats.tokens_per_second > 0
-    # The prompt is shared through a left-padded batched cache: every trace's log-probs must equal
-    # a plain forward pass over its own prompt + trace.
+
+
+def test_every_sampled_token_is_in_the_models_nucleus(model_and_tokenizer):
+    """Prompts of different lengths share one left-padded batched cache and finished rows leave
+    the batch; every drawn token (stop tokens included) must still come from the top-p nucleus of
+    the tempered distribution a plain forward pass over its own prompt + trace gives."""
+    model, tok = model_and_tokenizer
+    prompts = [
+        tok.encode("What is the capital of France? Think first, then answer."),
+        tok.encode("one two"),
+        tok.encode("why is the sky blue"),
+    ]
+    cfg = RolloutConfig(samples=4, max_think_tokens=10, temperature=0.5, top_p=0.3)
+    traces, _ = sample_traces(model, prompts, cfg, MARKER, EOS, mx.random.key(7))
+    sizes, drawn = [], 0
     for prompt, group in zip(prompts, traces):
         for t in group:
-            ref = full_logprobs(model, prompt + t.tokens)
-            expected = [ref[len(prompt) - 1 + i, tok_id] for i, tok_id in enumerate(t.tokens)]
-            np.testing.assert_allclose(t.logprobs, expected, atol=1e-4)
+            stop = MARKER if t.emitted_marker else [2] if ended_eos(t, 10) else []
+            ids = prompt + t.tokens + stop
+            lp = full_logprobs(model, ids)
+            for j in range(len(prompt), len(ids)):
+                allowed = nucleus(lp[j - 1], cfg.temperature, cfg.top_p)
+                assert ids[j] in allowed, (prompt, t, j)
+                sizes.append(len(allowed))
+                drawn += 1
+    assert drawn > 40
+    # The check has teeth: a token drawn from any other distribution would usually miss the nucleus.
+    assert np.mean(sizes) < lp.shape[-1] / 4
+
+
+def test_batched_traces_equal_greedy_decoding_one_prompt_at_a_time(model_and_tokenizer):
+    """Sampling at a vanishing temperature is argmax decoding, whatever the key and the batch: the
+    traces of several prompts sampled together through one batched cache equal plain step-by-step
+    argmax decoding of each prompt on its own. (At a real temperature only the distribution is
+    shared: the random draws depend on the batch shape.)"""
+    model, tok = model_and_tokenizer
+    prompts = [tok.encode("a longer question about the capital of France and Paris"), [7, 8]]
+    budget = 9
+    cold = RolloutConfig(samples=2, max_think_tokens=budget, temperature=1e-5)
+    # A marker the first prompt's greedy continuation writes at its 4th token: that row finishes
+    # early and leaves the batch while the others keep decoding.
+    marker = [argmax_decode(model, prompts[0], set(), 4)[-1]]
+    together, _ = sample_traces(model, prompts, cold, marker, EOS, mx.random.key(0))
+    for q, prompt in enumerate(prompts):
+        alone, _ = sample_traces(model, [prompt], cold, marker, EOS, mx.random.key(q + 1))
+        ref = argmax_decode(model, prompt, EOS, budget, stop=marker)
+        emitted = ref[-1:] == marker
+        expected = ref[:-1] if emitted else ref
+        for t in together[q] + alone[0]:
+            assert t.tokens == expected and t.emitted_marker == emitted
+    # The first prompt's rows left the batch early; the second prompt's rows decoded on without them.
+    assert together[0][0].emitted_marker and len(together[0][0].tokens) < 4
+    assert len(together[1][0].tokens) > len(together[0][0].tokens) + 1
 
 
 def test_stops_at_marker_eos_and_budget(model_and_tokenizer):
@@ -49,27 +136,71 @@ def test_stops_at_marker_eos_and_budget(model_and_tokenizer):
     greedy = int(np.argmax(full_logprobs(model, prompt)[-1]))
     nearly_greedy = RolloutConfig(samples=2, max_think_tokens=6, temperature=1e-4)
     # The marker is the token the model will certainly write first: it stops at once.
-    traces, _ = sample_traces(model, [prompt], nearly_greedy, [greedy], {2}, mx.random.key(0))
+    traces, _ = sample_traces(model, [prompt], nearly_greedy, [greedy], EOS, mx.random.key(0))
     assert all(t.emitted_marker and t.tokens == [] for t in traces[0])
     # A two-token text marker: the greedy continuation's first two tokens.
     second = int(np.argmax(full_logprobs(model, prompt + [greedy])[-1]))
     traces, _ = sample_traces(
-        model, [prompt], nearly_greedy, [greedy, second], {2}, mx.random.key(0)
+        model, [prompt], nearly_greedy, [greedy, second], EOS, mx.random.key(0)
     )
     assert all(t.emitted_marker and t.tokens == [] for t in traces[0])
-    # The same token as EOS instead: ends by EOS, no marker.
-    traces, _ = sample_traces(model, [prompt], nearly_greedy, [9999], {greedy}, mx.random.key(0))
-    assert all(t.ended_eos and not t.emitted_marker and t.tokens == [] for t in traces[0])
+    # The same token as EOS instead: ends by EOS, no marker, and EOS is not part of the trace.
+    traces, stats = sample_traces(
+        model, [prompt], nearly_greedy, [9999], {greedy}, mx.random.key(0)
+    )
+    assert all(not t.emitted_marker and t.tokens == [] for t in traces[0])
+    assert stats.tokens == 2  # one EOS per row
     # Neither: the budget ends it.
     traces, _ = sample_traces(model, [prompt], nearly_greedy, [9999], {9998}, mx.random.key(0))
-    assert all(len(t.tokens) == 6 and not t.emitted_marker and not t.ended_eos for t in traces[0])
+    assert all(len(t.tokens) == 6 and not t.emitted_marker for t in traces[0])
 
 
 def test_top_p_keeps_only_the_nucleus():
     logits = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]]))
     seen = set()
     for i in range(200):
-        tok, lp = sample_tokens(logits, mx.random.key(i), 1.0, 0.7)
+        tok = sample_tokens(logits, mx.random.key(i), 1.0, 0.7)
+        assert tok.shape == (1,)
         seen.add(int(tok.item()))
-        assert float(lp.item()) == pytest.approx(float(logits[0, int(tok.item())].item()), abs=1e-5)
     assert seen == {0, 1}
+    # Without top-p every token can come out.
+    everything = {int(sample_tokens(logits, mx.random.key(i), 1.0, 1.0).item()) for i in range(400)}
+    assert everything == {0, 1, 2, 3}
+
+
+def test_greedy_answers_equal_step_by_step_argmax(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    contexts = [
+        tok.encode("What is the capital of France?\nAnswer:\n"),
+        tok.encode("two plus two"),
+        tok.encode("a much longer context about rivers, trees, birds and the world we live in"),
+    ]
+    max_tokens = 7
+    expected = [argmax_decode(model, c, EOS, max_tokens) for c in contexts]
+    assert greedy_answers(model, contexts, EOS, max_tokens) == expected
+    assert all(len(e) == max_tokens for e in expected)  # no EOS: the budget ends every answer
+    # An EOS the first answer writes after a few tokens: that answer stops there (EOS dropped) and
+    # leaves the batch, the others continue (or stop wherever they write that token too).
+    first = expected[0]
+    j = next(i for i in range(1, max_tokens) if first[i] not in first[:i])
+    eos = {first[j]}
+    early = [argmax_decode(model, c, eos, max_tokens) for c in contexts]
+    assert early[0] == first[:j]
+    assert max(len(e) for e in early) > j  # another row outlived the first one
+    assert greedy_answers(model, contexts, eos, max_tokens) == early
+    assert greedy_answers(model, contexts, eos, 1) == [e[:1] for e in early]
+
+
+@pytest.mark.parametrize("starts_at, emitted", [(4, True), (5, False)])
+def test_a_marker_begun_within_the_budget_may_be_completed(model_and_tokenizer, starts_at, emitted):
+    """Think budget 5, a two-token marker the model writes (greedily) from position ``starts_at``:
+    begun within the budget it is completed past it; begun after it the trace is cut."""
+    model, tok = model_and_tokenizer
+    prompt = tok.encode("why is the sky blue")
+    greedy = argmax_decode(model, prompt, set(), 8)
+    marker = greedy[starts_at : starts_at + 2]
+    assert all(greedy[i : i + 2] != marker for i in range(starts_at))  # not written earlier
+    cfg = RolloutConfig(samples=1, max_think_tokens=5, temperature=1e-4)
+    [[trace]], _ = sample_traces(model, [prompt], cfg, marker, {-1}, mx.random.key(0))
+    assert trace.emitted_marker is emitted
+    assert trace.tokens == (greedy[:starts_at] if emitted else greedy[:5])

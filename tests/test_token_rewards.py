@@ -1,4 +1,5 @@
-"""nrt-mlx score: c_i, b_i, weights and every aggregator's reward equal nrt_mlx.rewards on the same inputs."""
+"""nrt-mlx score (nrt_mlx.analysis.token_rewards): c_i, b_i, weights and every aggregator's reward
+equal nrt_mlx.objective.aggregate on the same inputs."""
 
 import json
 
@@ -8,11 +9,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from nrt_mlx.analysis.token_rewards import score_answer
+from nrt_mlx.analysis.token_rewards import token_rewards
 from nrt_mlx.cli import app
+from nrt_mlx.objective import AGGREGATORS, aggregate
 from nrt_mlx.recipe import RolloutConfig
-from nrt_mlx.rewards import AGGREGATORS, aggregate
-from nrt_mlx.sequences import encode_answer, encode_prompt, resolve_marker
+from nrt_mlx.vocab import Vocabulary
 
 QUESTION = "What is the capital of France?"
 ANSWER = "Paris is the capital"
@@ -20,8 +21,9 @@ TRACES = ["the capital of France is Paris so", "think: one two three"]
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir):
-    return mlx_lm.load(str(tiny_model_dir))
+def model_and_vocab(tiny_model_dir):
+    model, tok = mlx_lm.load(str(tiny_model_dir))
+    return model, Vocabulary.of(tok, "auto")
 
 
 def answer_logprobs(model, context: list[int], answer: list[int]) -> np.ndarray:
@@ -33,11 +35,12 @@ def answer_logprobs(model, context: list[int], answer: list[int]) -> np.ndarray:
     return np.array([lp[start + i - 1, answer[i]] for i in range(len(answer))])
 
 
-def test_given_traces_match_rewards_module(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    report = score_answer(model, tok, QUESTION, ANSWER, traces=TRACES)
-    marker = resolve_marker(tok, "auto")
-    prompt, answer = encode_prompt(tok, QUESTION), encode_answer(tok, ANSWER)
+def test_given_traces_match_the_objective(model_and_vocab):
+    model, vocab = model_and_vocab
+    tok = vocab.tokenizer
+    report = token_rewards(model, vocab, QUESTION, ANSWER, traces=TRACES)
+    marker = vocab.marker
+    prompt, answer = vocab.encode_prompt(QUESTION), vocab.encode_answer(ANSWER)
     null = answer_logprobs(model, prompt + marker.ids, answer)
     traces = [
         answer_logprobs(
@@ -46,6 +49,8 @@ def test_given_traces_match_rewards_module(model_and_tokenizer):
         for t in TRACES
     ]
     assert report.token_ids == answer and len(report.tokens) == len(answer)
+    assert report.marker == marker.text and report.traces == TRACES
+    assert report.emitted_marker == [True, True]  # a given trace is taken as followed by the marker
     np.testing.assert_allclose(report.null_logprobs, null, atol=1e-4)
     np.testing.assert_allclose(report.trace_logprobs, traces, atol=1e-4)
     lp = mx.array(np.stack(traces).astype(np.float32))
@@ -62,18 +67,28 @@ def test_given_traces_match_rewards_module(model_and_tokenizer):
     np.testing.assert_allclose(data["weight_inverse_prob"], np.exp(-null), rtol=1e-4)
     np.testing.assert_allclose(data["weight_neg_log_prob"], -null, rtol=1e-4)
     # A trace of nothing is the null row: c = b, and weighted_sum_inverse_prob = mean(b/b) = 1.
-    empty = score_answer(model, tok, QUESTION, ANSWER, traces=[""])
+    empty = token_rewards(model, vocab, QUESTION, ANSWER, traces=[""])
     np.testing.assert_allclose(empty.trace_logprobs[0], empty.null_logprobs, atol=1e-5)
     assert empty.rewards["weighted_sum_inverse_prob"][0] == pytest.approx(1.0, rel=1e-5)
 
 
-def test_sampled_traces_are_seeded(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_long_traces_are_scored_like_short_ones(model_and_vocab):
+    model, vocab = model_and_vocab
+    long = " ".join(["the capital of France is Paris"] * 130)
+    report = token_rewards(model, vocab, QUESTION, ANSWER, traces=[long, long])
+    prompt, answer = vocab.encode_prompt(QUESTION), vocab.encode_answer(ANSWER)
+    expected = answer_logprobs(model, prompt + vocab.encode_text(long) + vocab.marker.ids, answer)
+    np.testing.assert_allclose(report.trace_logprobs, [expected, expected], atol=1e-4)
+
+
+def test_sampled_traces_are_seeded(model_and_vocab):
+    model, vocab = model_and_vocab
     rollout = RolloutConfig(samples=3, max_think_tokens=8)
-    a = score_answer(model, tok, QUESTION, ANSWER, rollout=rollout, seed=0)
-    b = score_answer(model, tok, QUESTION, ANSWER, rollout=rollout, seed=0)
-    c = score_answer(model, tok, QUESTION, ANSWER, rollout=rollout, seed=5)
+    a = token_rewards(model, vocab, QUESTION, ANSWER, rollout=rollout, seed=0)
+    b = token_rewards(model, vocab, QUESTION, ANSWER, rollout=rollout, seed=0)
+    c = token_rewards(model, vocab, QUESTION, ANSWER, rollout=rollout, seed=5)
     assert len(a.traces) == 3 and a.rewards == b.rewards and a.traces == b.traces
+    assert all(n <= 8 for n in a.trace_tokens) and len(a.trace_logprobs) == 3
     assert a.traces != c.traces and a.null_logprobs == c.null_logprobs
     table = a.table()
     assert "c_i z3" in table and "weighted_sum_log_prob" in table and "1/b_i" in table
