@@ -176,28 +176,17 @@ def _bool(value: Any, where: str) -> bool:
     raise NrtError(f"{where}: expected true or false, got {value!r}")
 
 
-def _int(value: Any, where: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+def _number(value: Any, kind: type, where: str, name: str) -> Any:
+    """``value`` as ``kind`` (int or float): a number that is one, or a string that parses as one."""
     if isinstance(value, str):
         try:
-            return int(value)
+            return kind(value)
         except ValueError:
             pass
-    raise NrtError(f"{where}: expected an integer, got {value!r}")
-
-
-def _float(value: Any, where: str) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise NrtError(f"{where}: expected a number, got {value!r}")
+    elif not isinstance(value, bool) and isinstance(value, (int, float)):
+        if kind is float or isinstance(value, int) or value.is_integer():
+            return kind(value)
+    raise NrtError(f"{where}: expected {name}, got {value!r}")
 
 
 def _str(value: Any, where: str) -> str:
@@ -206,7 +195,12 @@ def _str(value: Any, where: str) -> str:
     raise NrtError(f"{where}: expected a string, got {value!r}")
 
 
-_SCALARS = {bool: _bool, int: _int, float: _float, str: _str}
+_SCALARS = {
+    bool: _bool,
+    int: lambda value, where: _number(value, int, where, "an integer"),
+    float: lambda value, where: _number(value, float, where, "a number"),
+    str: _str,
+}
 
 
 def _section_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
