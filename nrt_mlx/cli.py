@@ -263,7 +263,7 @@ def eval_(
 
     from nrt_mlx.analysis.tables import eval_tables
     from nrt_mlx.data import load_jsonl
-    from nrt_mlx.evaluate import eval_config, evaluate, load_for_eval
+    from nrt_mlx.evaluate import eval_config, evaluate, load_for_eval, run_rollout
     from nrt_mlx.recipe import DataConfig
     from nrt_mlx.rundir import find_adapters
     from nrt_mlx.vocab import Vocabulary
@@ -273,7 +273,7 @@ def eval_(
     # The run's data section: same field names and system prompt as in training.
     dataset = load_jsonl(data, recipe.data if recipe else DataConfig(), "--data")
     cfg = eval_config(
-        _run_rollout(source),
+        run_rollout(source),
         samples=samples,
         max_think_tokens=max_think,
         max_questions=max_questions,
@@ -288,17 +288,6 @@ def eval_(
     path = report.to_json(out)
     _print(eval_tables(report, width=Console().width))
     typer.echo(f"report written to {path}")
-
-
-def _run_rollout(source: Any) -> Any:
-    """The rollout settings of an --adapter run (its recipe's, else its adapter_config's marker),
-    or the defaults of eval and score without one."""
-    from nrt_mlx.recipe import RolloutConfig
-    from nrt_mlx.rundir import DEFAULT_EVAL_THINK_TOKENS
-
-    if source is not None:
-        return source.rollout()
-    return RolloutConfig(max_think_tokens=DEFAULT_EVAL_THINK_TOKENS)
 
 
 @command()
@@ -328,7 +317,7 @@ def score(
     from dataclasses import replace
 
     from nrt_mlx.analysis.token_rewards import token_rewards
-    from nrt_mlx.evaluate import load_for_eval
+    from nrt_mlx.evaluate import load_for_eval, run_rollout
     from nrt_mlx.rundir import find_adapters
     from nrt_mlx.vocab import Vocabulary
 
@@ -336,7 +325,7 @@ def score(
         fail("--samples must be at least 1")
     source = find_adapters(adapter) if adapter else None
     loaded = load_for_eval(model, source)
-    rollout = _run_rollout(source)
+    rollout = run_rollout(source)
     given = {"samples": samples, "max_think_tokens": max_think, "marker": marker}
     rollout = replace(rollout, **{k: v for k, v in given.items() if v is not None})
     vocab = Vocabulary.of(loaded.tokenizer, rollout.marker)

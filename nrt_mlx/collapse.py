@@ -2,7 +2,7 @@
 
 NRT's known failure (docs/NRT.md, "Watching for collapse"): with the wrong aggregator the reasoning
 entropy falls to zero and the traces turn short and repetitive while the reward still looks fine.
-The monitor watches four figures of the step metrics (``nrt_mlx.stats.trace_stats``):
+The monitor watches four figures of the step metrics (computed by ``nrt_mlx.stats.trace_stats``):
 
     trace_tokens_mean   mean sampled trace length          warns below fraction x its start
     trace_entropy       mean per-token entropy on traces   warns below fraction x its start

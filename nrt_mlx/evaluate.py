@@ -37,8 +37,9 @@ from nrt_mlx.data import Example
 from nrt_mlx.errors import NrtError
 from nrt_mlx.fileio import atomic_write_text
 from nrt_mlx.objective import answer_logprobs, forward
-from nrt_mlx.recipe import RolloutConfig
+from nrt_mlx.recipe import RolloutConfig, rollout_problem
 from nrt_mlx.rollout import Trace, greedy_answers, sample_traces
+from nrt_mlx.rundir import AdapterSource
 from nrt_mlx.stats import trace_stats
 from nrt_mlx.vocab import Vocabulary
 
@@ -57,6 +58,19 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         """Flat settings for the report: the rollout's fields beside the others."""
         return {**vars(self.rollout), **{k: v for k, v in vars(self).items() if k != "rollout"}}
+
+
+# Think budget of eval and score when no run says otherwise.
+EVAL_THINK_TOKENS = 128
+
+
+def run_rollout(source: AdapterSource | None) -> RolloutConfig:
+    """The rollout settings to evaluate adapters with: their run's, else the defaults with the
+    marker adapter_config.json records (and a think budget of ``EVAL_THINK_TOKENS``)."""
+    if source is not None and source.recipe is not None:
+        return source.recipe.rollout
+    marker = (source.marker if source is not None else None) or "auto"
+    return RolloutConfig(max_think_tokens=EVAL_THINK_TOKENS, marker=marker)
 
 
 def eval_config(rollout: RolloutConfig | None = None, **overrides: Any) -> EvalConfig:
@@ -179,22 +193,15 @@ def row_likelihoods(
 
 
 def _check_config(cfg: EvalConfig) -> None:
-    r = cfg.rollout
+    q, a, b = cfg.max_questions, cfg.max_answer_tokens, cfg.batch_tokens
     checks = [
-        (r.samples >= 1, f"samples must be at least 1, got {r.samples}"),
-        (r.max_think_tokens >= 1, f"max_think_tokens must be at least 1, got {r.max_think_tokens}"),
-        (r.temperature > 0, f"temperature must be > 0, got {r.temperature}"),
-        (0 < r.top_p <= 1, f"top_p must be in (0, 1], got {r.top_p}"),
-        (cfg.max_questions >= 0, f"max_questions must be >= 0 (0 = all), got {cfg.max_questions}"),
-        (
-            cfg.max_answer_tokens >= 1,
-            f"max_answer_tokens must be at least 1, got {cfg.max_answer_tokens}",
-        ),
-        (cfg.batch_tokens >= 1, f"batch_tokens must be at least 1, got {cfg.batch_tokens}"),
+        (q >= 0, f"max_questions must be >= 0 (0 = all), got {q}"),
+        (a >= 1, f"max_answer_tokens must be at least 1, got {a}"),
+        (b >= 1, f"batch_tokens must be at least 1, got {b}"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise NrtError(f"eval: {message}")
+    problems = [rollout_problem(cfg.rollout, "")] + [message for ok, message in checks if not ok]
+    for problem in filter(None, problems):
+        raise NrtError(f"eval: {problem}")
 
 
 def _correct_option(example: Example) -> int | None:
@@ -380,9 +387,9 @@ def evaluate(
 # ---- a base model with a run's adapters (eval, score) ----------------------------------------------
 
 
-def load_for_eval(model_path: str | None, source: Any = None) -> Any:
+def load_for_eval(model_path: str | None, source: AdapterSource | None = None) -> Any:
     """Load the base model (``model_path``, else the run's model.path) with the adapters of
-    ``source`` (an ``nrt_mlx.rundir.AdapterSource``) applied; returns the ``LoadedModel``.
+    ``source`` applied; returns the ``LoadedModel``.
 
     With adapters, the base loads as their run did (same quantization), and every adapter weight
     must be in the file (``model.apply_adapters``).

@@ -202,15 +202,6 @@ def write_adapters_into(model: nn.Module, config: dict, directory: Path) -> None
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def save_adapters(model: nn.Module, config: dict, directory: str | Path) -> Path:
-    """Write adapters.safetensors + adapter_config.json into ``directory`` (atomically, as a dir)."""
-    from nrt_mlx.fileio import atomic_dir
-
-    tmp, commit = atomic_dir(directory)
-    write_adapters_into(model, config, tmp)
-    return commit()
-
-
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     """Load saved adapter weights into a model that already has the same adapters."""
     path = Path(directory) / ADAPTER_WEIGHTS

@@ -2,7 +2,8 @@
 signal s, clipping against the null-think reward, group normalisation, reward shaping, the loss.
 
 A batch (``nrt_mlx.batch``) holds K rows ``[prompt | z_k | m | y* EOS]`` and one null-think row
-``[prompt | m | y* EOS]`` per question, already checked when it was built. One forward pass gives
+``[prompt | m | y* EOS]`` per question, checked by ``collate`` when it was built (the loss only
+refuses, from host-side counts, a batch that was built for SFT). One forward pass gives
 log c_{k,i} on the trace rows and log b_i on the null row; under stop_gradient they give the rewards,
 with gradient the loss.
 """

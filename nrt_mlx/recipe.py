@@ -299,11 +299,10 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             f"{source}: objective.aggregator '{recipe.objective.aggregator}' is unknown, "
             f"valid: {', '.join(AGGREGATORS)}"
         )
+    problem = rollout_problem(recipe.rollout, "rollout.")
+    if problem:
+        raise NrtError(f"{source}: {problem}")
     checks = [
-        (recipe.rollout.samples >= 1, "rollout.samples must be at least 1"),
-        (recipe.rollout.max_think_tokens >= 1, "rollout.max_think_tokens must be at least 1"),
-        (recipe.rollout.temperature > 0, "rollout.temperature must be > 0"),
-        (0 < recipe.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
         (recipe.train.steps >= 1, "train.steps must be at least 1"),
         (recipe.train.questions_per_step >= 1, "train.questions_per_step must be at least 1"),
         (recipe.train.updates_per_rollout >= 1, "train.updates_per_rollout must be at least 1"),
@@ -317,6 +316,19 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     for ok, message in checks:
         if not ok:
             raise NrtError(f"{source}: {message}")
+
+
+def rollout_problem(r: RolloutConfig, prefix: str) -> str | None:
+    """What is wrong with the sampler settings (keys named with ``prefix``), or None."""
+    for ok, key, rule, value in (
+        (r.samples >= 1, "samples", "must be at least 1", r.samples),
+        (r.max_think_tokens >= 1, "max_think_tokens", "must be at least 1", r.max_think_tokens),
+        (r.temperature > 0, "temperature", "must be > 0", r.temperature),
+        (0 < r.top_p <= 1, "top_p", "must be in (0, 1]", r.top_p),
+    ):
+        if not ok:
+            return f"{prefix}{key} {rule}, got {value}"
+    return None
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

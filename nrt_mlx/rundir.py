@@ -34,7 +34,7 @@ from nrt_mlx.model import (
     load_adapter_weights,
     write_adapters_into,
 )
-from nrt_mlx.recipe import Recipe, RolloutConfig, load_recipe
+from nrt_mlx.recipe import Recipe, load_recipe
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -87,7 +87,7 @@ class RunDir:
         if not self.root.is_dir():
             raise NrtError(f"{self.root}: no such run directory")
         if not self.recipe.exists():
-            raise NrtError(f"{self.root}: not an nrt-mlx run directory (no recipe.yaml)")
+            raise NrtError(f"{self.root}: not a run directory (no recipe.yaml)")
         return self
 
     def read_recipe(self, overrides: list[str] | None = None) -> Recipe:
@@ -190,10 +190,6 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     return cfg
 
 
-# Think budget of eval and score when no run says otherwise.
-DEFAULT_EVAL_THINK_TOKENS = 128
-
-
 @dataclass
 class AdapterSource:
     """Where adapters live, the recipe of their run (None without one) and their adapter_config."""
@@ -210,12 +206,12 @@ class AdapterSource:
         cfg = self.adapter_config
         return str(cfg.get("base_model") or cfg.get("model") or "")
 
-    def rollout(self) -> RolloutConfig:
-        """The run's rollout settings; without a recipe, the marker adapter_config.json records."""
+    @property
+    def marker(self) -> str | None:
+        """The marker the adapters were trained with: the recipe's, else adapter_config's."""
         if self.recipe is not None:
-            return self.recipe.rollout
-        marker = (self.adapter_config.get("nrt_mlx") or {}).get("marker") or "auto"
-        return RolloutConfig(max_think_tokens=DEFAULT_EVAL_THINK_TOKENS, marker=marker)
+            return self.recipe.rollout.marker
+        return (self.adapter_config.get("nrt_mlx") or {}).get("marker")
 
 
 def find_adapters(path: str | Path) -> AdapterSource:
@@ -223,7 +219,7 @@ def find_adapters(path: str | Path) -> AdapterSource:
     root = Path(path).expanduser()
     if not root.exists():
         raise NrtError(f"--adapter {path}: no such run, checkpoint or adapter directory")
-    adapter_dir = root / "adapters" if (root / "recipe.yaml").exists() else root
+    adapter_dir = RunDir(root).adapters if RunDir(root).recipe.exists() else root
     if not (adapter_dir / ADAPTER_WEIGHTS).exists() or not (adapter_dir / ADAPTER_CONFIG).exists():
         raise NrtError(
             f"--adapter {path}: no {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG} in {adapter_dir}; give a "
@@ -231,9 +227,9 @@ def find_adapters(path: str | Path) -> AdapterSource:
         )
     config = read_adapter_config(adapter_dir)
     # A run's recipe sits beside adapters/ or two levels above a checkpoint.
-    for candidate in (root, adapter_dir.parent, adapter_dir.parent.parent):
-        if (candidate / "recipe.yaml").exists():
-            return AdapterSource(adapter_dir, RunDir(candidate).read_recipe(), config)
+    for candidate in map(RunDir, (root, adapter_dir.parent, adapter_dir.parent.parent)):
+        if candidate.recipe.exists():
+            return AdapterSource(adapter_dir, candidate.read_recipe(), config)
     return AdapterSource(adapter_dir, None, config)
 
 

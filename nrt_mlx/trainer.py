@@ -35,7 +35,7 @@ from nrt_mlx.batch import Batch, build_rows, collate, sft_rows
 from nrt_mlx.data import Dataset, Example, drop_long, load_jsonl
 from nrt_mlx.errors import NrtError
 from nrt_mlx.model import LoadedModel, adapter_config, add_adapters, load_model
-from nrt_mlx.objective import default_normalizer, nrt_loss, reference_pass, sft_loss
+from nrt_mlx.objective import Rewards, default_normalizer, nrt_loss, reference_pass, sft_loss
 from nrt_mlx.progress import Reporter
 from nrt_mlx.recipe import Recipe, save_recipe
 from nrt_mlx.rollout import RolloutStats, Trace, sample_traces
@@ -226,22 +226,34 @@ def build_batches(
     ]
 
 
-def update(session: Session, batches: list[Batch]) -> tuple[list[dict[str, mx.array]], mx.array]:
-    """``updates_per_rollout`` optimizer updates on the step's batches.
+def fix_rewards(session: Session, batches: list[Batch]) -> list[Rewards | None]:
+    """With several NRT updates per rollout: the rewards and the old log-probs of the clipped
+    ratio, fixed from the weights that sampled the batches before any update (``batches`` get
+    their ``old_logprobs``). Otherwise None per batch: the loss takes the rewards from its own
+    forward pass."""
+    r, model = session.recipe, session.loaded.model
+    if r.train.method != "nrt" or r.train.updates_per_rollout == 1:
+        return [None] * len(batches)
+    fixed: list[Rewards | None] = []
+    for i, b in enumerate(batches):
+        rewards, lp = reference_pass(model, b, r.objective)
+        batches[i] = dataclasses.replace(b, old_logprobs=lp)
+        mx.eval(lp, rewards.advantage, rewards.token_signal)
+        fixed.append(rewards)
+    return fixed
+
+
+def update(
+    session: Session, batches: list[Batch], fixed: list[Rewards | None]
+) -> tuple[list[dict[str, mx.array]], mx.array]:
+    """``updates_per_rollout`` optimizer updates on the step's batches (LoRA dropout on).
 
     Returns each micro-batch's loss figures of the first update (device arrays) and the clip
-    fraction over all updates. With several updates the rewards and the old log-probs of the
-    clipped ratio are fixed from the weights that sampled the batch, before any update.
+    fraction over all updates.
     """
     r, model = session.recipe, session.loaded.model
     nrt = r.train.method == "nrt"
     total_rows = sum(b.trace_rows for b in batches)
-    fixed: list[Any] = [None] * len(batches)
-    if nrt and r.train.updates_per_rollout > 1:
-        for i, b in enumerate(batches):
-            fixed[i], lp = reference_pass(model, b, r.objective)
-            batches[i] = dataclasses.replace(b, old_logprobs=lp)
-            mx.eval(lp, fixed[i].advantage, fixed[i].token_signal)
 
     def weighted_loss(
         model: nn.Module, batch: Batch, weight: float, rewards: Any
@@ -252,6 +264,7 @@ def update(session: Session, batches: list[Batch]) -> tuple[list[dict[str, mx.ar
             loss, figures = sft_loss(model, batch, session.normalizer)
         return loss * weight, figures
 
+    model.train()  # sampling and evaluation switch LoRA dropout off
     value_and_grad = nn.value_and_grad(model, weighted_loss)
     first: list[dict[str, mx.array]] = []
     clipped, counted = mx.array(0), mx.array(0)
@@ -280,9 +293,13 @@ def step_metrics(
     batches: list[Batch],
     figures: list[dict[str, mx.array]],
     clip_fraction: mx.array,
+    traces: list[list[Trace]] | None,
 ) -> tuple[dict[str, float], list[float]]:
-    """The step's loss figures from the device in one sync: row means over trace rows (null-think
-    rows for ``null_answer_nll``), entropy per think token; and the trace rewards of the rows."""
+    """The step's figures, read from the device in one sync, and the trace reward of each trace.
+
+    Loss terms and answer NLL are means over trace rows (``null_answer_nll`` over null-think rows);
+    then ``trace_stats`` of the traces with their rewards and the entropy over the rows' think tokens.
+    """
     mx.eval(figures, clip_fraction)
     total = sum(b.trace_rows for b in batches)
     out: dict[str, float] = {}
@@ -292,15 +309,16 @@ def step_metrics(
     null = np.concatenate([np.array(b.is_null) for b in batches])
     nll = np.concatenate([np.array(f["answer_nll"]) for f in figures])
     out["answer_nll"] = float(nll[~null].mean())
-    if "trace_reward" not in figures[0]:
+    if traces is None:
         return out, []
     out["null_answer_nll"] = float(nll[null].mean())
-    entropy = sum(float(f["think_entropy"].sum()) for f in figures)
-    out["trace_entropy"] = entropy / max(sum(b.think_tokens for b in batches), 1)
     if session.recipe.train.updates_per_rollout > 1:
         out["clip_fraction"] = float(clip_fraction)
-    rewards = np.concatenate([np.array(f["trace_reward"]) for f in figures])[~null]
-    return out, rewards.tolist()
+    rewards = np.concatenate([np.array(f["trace_reward"]) for f in figures])[~null].tolist()
+    entropy = sum(float(f["think_entropy"].sum()) for f in figures)
+    flat = [t for group in traces for t in group]
+    think_tokens = sum(b.think_tokens for b in batches)
+    return out | trace_stats(flat, entropy, think_tokens, rewards), rewards
 
 
 def train_step(session: Session, step: int) -> StepResult:
@@ -320,16 +338,15 @@ def train_step(session: Session, step: int) -> StepResult:
         sample(session, items, sample_key) if r.train.method == "nrt" else (None, None)
     )
     batches = build_batches(session, items, traces)
+    fixed = fix_rewards(session, batches)
     lr = float(session.optimizer.learning_rate.item())  # the rate this step's update uses
     start = time.perf_counter()
-    figures, clip_fraction = update(session, batches)
+    figures, clip_fraction = update(session, batches, fixed)
     seconds = time.perf_counter() - start
     session.position += len(items)
-    metrics, rewards = step_metrics(session, batches, figures, clip_fraction)
+    metrics, rewards = step_metrics(session, batches, figures, clip_fraction, traces)
     out: dict[str, Any] = {"step": step, **metrics}
     if traces is not None:
-        flat = [t for group in traces for t in group]
-        out.update(trace_stats(flat, rewards=rewards))
         out.update(sample_tokens_per_s=rollout.tokens_per_second, sample_seconds=rollout.seconds)
     tokens = sum(b.num_tokens for b in batches)
     out.update(train_tokens_per_s=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds)
@@ -453,9 +470,7 @@ def train(recipe: Recipe, quiet: bool = False) -> Path:
 
 def resume(run_dir: str | Path, quiet: bool = False, overrides: list[str] | None = None) -> Path:
     """Continue a run from its latest checkpoint, with the recipe it was started with."""
-    run = RunDir(Path(run_dir))
-    if not run.recipe.exists():
-        raise NrtError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    run = RunDir(Path(run_dir)).check()
     step = run.latest_checkpoint()
     if step is None:
         raise NrtError(

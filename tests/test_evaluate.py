@@ -16,11 +16,19 @@ from nrt_mlx.analysis.tables import eval_tables, render_text
 from nrt_mlx.cli import app
 from nrt_mlx.data import Example
 from nrt_mlx.errors import NrtError
-from nrt_mlx.evaluate import EvalConfig, eval_config, evaluate, exact_match, token_f1
-from nrt_mlx.model import adapter_config, add_adapters, load_model, save_adapters
+from nrt_mlx.evaluate import (
+    EVAL_THINK_TOKENS,
+    EvalConfig,
+    eval_config,
+    evaluate,
+    exact_match,
+    run_rollout,
+    token_f1,
+)
+from nrt_mlx.model import adapter_config, add_adapters, load_model, write_adapters_into
 from nrt_mlx.recipe import LoraConfig, ModelConfig, Recipe, RolloutConfig, save_recipe
 from nrt_mlx.rollout import sample_traces
-from nrt_mlx.rundir import DEFAULT_EVAL_THINK_TOKENS, find_adapters
+from nrt_mlx.rundir import find_adapters
 from nrt_mlx.vocab import Vocabulary
 
 EXAMPLES = [
@@ -249,7 +257,8 @@ def run_dir(tmp_path_factory, tiny_model_dir):
     params = tree_flatten(loaded.model.trainable_parameters())
     loaded.model.update(tree_unflatten([(k, 0.5 * mx.random.normal(v.shape)) for k, v in params]))
     extra = {"nrt_mlx": {"marker": "\nAnswer:\n"}}  # what the trainer writes
-    save_adapters(loaded.model, adapter_config(loaded, lora, extra), root / "adapters")
+    (root / "adapters").mkdir()
+    write_adapters_into(loaded.model, adapter_config(loaded, lora, extra), root / "adapters")
     recipe = Recipe()
     recipe.model.path = str(tiny_model_dir)
     recipe.rollout.marker = "\nAnswer:\n"
@@ -276,11 +285,12 @@ def test_find_adapters_resolves_runs_checkpoints_and_adapter_dirs(run_dir, tmp_p
     assert find_adapters(step).adapter_dir == step and find_adapters(step).recipe is not None
     bare = find_adapters(shutil.copytree(run_dir / "adapters", tmp_path / "bare"))
     # Without a recipe, adapter_config.json still names the base model and the marker.
-    assert bare.recipe is None and bare.rollout().marker == "\nAnswer:\n"
-    assert bare.rollout().max_think_tokens == DEFAULT_EVAL_THINK_TOKENS
+    assert bare.recipe is None and bare.marker == run_rollout(bare).marker == "\nAnswer:\n"
+    assert run_rollout(bare).max_think_tokens == EVAL_THINK_TOKENS
+    assert run_rollout(None) == RolloutConfig(max_think_tokens=EVAL_THINK_TOKENS)
     assert bare.base_model == find_adapters(run_dir).base_model != ""
     # With a recipe, the run's own rollout settings.
-    assert find_adapters(run_dir).rollout() == find_adapters(run_dir).recipe.rollout
+    assert run_rollout(find_adapters(run_dir)) == find_adapters(run_dir).recipe.rollout
     with pytest.raises(NrtError, match="no such run"):
         find_adapters(tmp_path / "missing")
     with pytest.raises(NrtError, match="no adapters.safetensors"):

@@ -174,7 +174,8 @@ def test_refuses_to_overwrite_a_run_and_bad_input_is_one_line(tmp_path, tiny_mod
         (["train", str(recipe), "--quiet"], "already holds a run"),
         (["train", str(recipe), "--set", "train.stepz=2"], "did you mean 'steps'"),
         (["train", str(tmp_path / "missing.yaml")], "recipe file not found"),
-        (["train", "--resume", str(tmp_path / "nothing")], "not a run directory"),
+        (["train", "--resume", str(tmp_path / "nothing")], "no such run directory"),
+        (["train", "--resume", str(tmp_path)], "not a run directory"),
         (
             ["train", str(make_recipe(tmp_path, tmp_path / "no-model", "nomodel"))],
             "no such directory",
@@ -229,3 +230,24 @@ def test_clip_fraction_is_logged_when_the_clipped_ratio_is_active(tmp_path, tiny
     one = make_recipe(tmp_path, tiny_model_dir, "one", train={"steps": 1})
     cli("train", str(one), "--quiet")
     assert "clip_fraction" not in metrics(tmp_path / "one")[0]  # rho = 1: nothing to clip
+
+
+@pytest.mark.parametrize("method", ["nrt", "sft"])
+def test_evaluating_during_training_does_not_change_training(tmp_path, tiny_model_dir, method):
+    """Evaluation switches LoRA dropout off and samples with its own key: the training figures
+    of a run that evaluates every step equal those of a run that never does."""
+    extra = {"lora": {"layers": 2, "rank": 4, "dropout": 0.3}}
+    plain = make_recipe(tmp_path, tiny_model_dir, "plain", train={"method": method}, **extra)
+    watched = make_recipe(
+        tmp_path,
+        tiny_model_dir,
+        "watched",
+        train={"method": method, "eval_every": 1, "eval_questions": 2},
+        **extra,
+    )
+    cli("train", str(plain), "--quiet")
+    cli("train", str(watched), "--quiet")
+    evaluated = strip_timing(metrics(tmp_path / "watched"))
+    assert all("eval_null_nll" in r for r in evaluated)
+    training = [{k: v for k, v in r.items() if not k.startswith("eval_")} for r in evaluated]
+    assert training == strip_timing(metrics(tmp_path / "plain"))
