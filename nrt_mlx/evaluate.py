@@ -346,7 +346,7 @@ def evaluate(
     try:
         # The first of two keys of the seed, as nrt-mlx 0.1 drew it: reports stay reproducible.
         key = mx.random.split(mx.random.key(cfg.seed))[0]
-        traces, _ = sample_traces(model, prompts, cfg.rollout, m, vocab.eos_ids, key)
+        traces, _ = sample_traces(model, prompts, cfg.rollout, vocab, key)
         # Rows of the reference answers, then of every option: distinct group ids, one scoring pass.
         groups = [
             build_rows(p, t, m, a, q) for q, (p, t, a) in enumerate(zip(prompts, traces, answers))

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from nrt_mlx import marker
 from nrt_mlx.errors import NrtError, first_line
 from nrt_mlx.recipe import LoraConfig, ModelConfig
 
@@ -193,12 +194,18 @@ def adapter_config(
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
-    return dict(tree_flatten(model.trainable_parameters()))
+    """The LoRA/DoRA weights, exactly the keys mlx-lm's adapter loading expects."""
+    return {
+        k: v
+        for k, v in tree_flatten(model.trainable_parameters())
+        if not k.endswith(marker.ROW_NAME)
+    }
 
 
 def write_adapters_into(model: nn.Module, config: dict, directory: Path) -> None:
-    """Write the adapter files into an existing (temporary) directory, e.g. a checkpoint."""
+    """Write the adapter files (and the marker rows, if trained) into an existing directory."""
     mx.save_safetensors(str(directory / ADAPTER_WEIGHTS), adapter_weights(model))
+    marker.save_rows(model, directory)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
@@ -208,6 +215,7 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     if not path.exists():
         raise NrtError(f"{path}: adapter weights not found")
     model.load_weights(str(path), strict=False)
+    marker.load_rows(model, Path(directory))
     mx.eval(model.parameters())
 
 
@@ -273,5 +281,6 @@ def apply_adapters(model: nn.Module, adapter_dir: Path) -> None:
             f"{weights_file}: {len(missing)} adapter weights are missing (e.g. {missing[0]}); "
             "the file is incomplete or belongs to another run"
         )
+    marker.load_rows(model, adapter_dir)
     mx.eval(model.parameters())
     model.eval()

@@ -5,7 +5,8 @@ A batch (``nrt_mlx.batch``) holds K rows ``[prompt | z_k | m | y* EOS]`` and one
 ``[prompt | m | y* EOS]`` per question, checked by ``collate`` when it was built (the loss only
 refuses, from host-side counts, a batch that was built for SFT). One forward pass gives
 log c_{k,i} on the trace rows and log b_i on the null row; under stop_gradient they give the rewards,
-with gradient the loss.
+with gradient the loss. Training scores the tempered distribution softmax(logits / T) that the traces
+were sampled from (T = ``rollout.temperature``); SFT and evaluation score the model itself (T = 1).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
-from nrt_mlx.batch import MARKER, THINK, Batch
+from nrt_mlx.batch import ANSWER, MARKER, THINK, Batch
 from nrt_mlx.errors import NrtError
 from nrt_mlx.recipe import ObjectiveConfig, Recipe
 
@@ -37,9 +39,13 @@ def entropy(logits: mx.array) -> mx.array:
     return lse.squeeze(-1) - (mx.exp(logits - lse) * logits).sum(axis=-1)
 
 
-def forward(model: Any, batch: Batch) -> tuple[mx.array, mx.array]:
-    """log p(tokens[:, j] | tokens[:, <j]) and the entropy there, [B, L] each (0 at j = 0)."""
+def forward(model: Any, batch: Batch, temperature: float = 1.0) -> tuple[mx.array, mx.array]:
+    """log p_T(tokens[:, j] | tokens[:, <j]) and the entropy of p_T there, [B, L] each (0 at j = 0),
+    with p_T = softmax(logits / T): the distribution the sampler draws from (before top-p), as in
+    the released code. T = 1 is the model itself."""
     logits = model(batch.tokens[:, :-1])
+    if temperature != 1.0:  # T = 1 leaves the graph exactly as it was before temperatures existed
+        logits = logits.astype(mx.float32) / temperature
     zero = mx.zeros((logits.shape[0], 1), dtype=mx.float32)
     lp = mx.concatenate([zero, token_logprobs(logits, batch.tokens[:, 1:])], axis=1)
     return lp, mx.concatenate([zero, entropy(logits)], axis=1)
@@ -238,7 +244,12 @@ def clipped_ratio(
 
 
 def nrt_loss(
-    model: Any, batch: Batch, cfg: ObjectiveConfig, normalizer: float, fixed: Rewards | None = None
+    model: Any,
+    batch: Batch,
+    cfg: ObjectiveConfig,
+    normalizer: float,
+    fixed: Rewards | None = None,
+    temperature: float = 1.0,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """L = mean over trace rows of (c_trace L_trace + c_token L_token + c_format L_format) / N::
 
@@ -249,9 +260,11 @@ def nrt_loss(
     With A fixed, grad L_trace is REINFORCE, grad L_token the signal-weighted cross-entropy: together
     the paper's eq. nrt_gradient. ``fixed`` rewards (from ``reference_pass``, with
     ``batch.old_logprobs``) serve several updates on one rollout; by default the rewards come from
-    this same forward pass and rho = 1. Returns the loss and device arrays for the step figures.
+    this same forward pass and rho = 1. Every probability, p, c, b and the think entropy, is of
+    softmax(logits / ``temperature``), the distribution the traces were sampled from. Returns the
+    loss and device arrays for the step figures.
     """
-    lp, ent = forward(model, batch)
+    lp, ent = forward(model, batch, temperature)
     lc = answer_logprobs(lp, batch)
     rewards = fixed if fixed is not None else shape_rewards(lc, batch, cfg)
     train = (~batch.is_null).astype(mx.float32)
@@ -287,21 +300,61 @@ def nrt_loss(
     return loss, {k: mx.stop_gradient(v) for k, v in figures.items()}
 
 
-def reference_pass(model: Any, batch: Batch, cfg: ObjectiveConfig) -> tuple[Rewards, mx.array]:
+def reference_pass(
+    model: Any, batch: Batch, cfg: ObjectiveConfig, temperature: float = 1.0
+) -> tuple[Rewards, mx.array]:
     """Rewards and [B, L] token log-probs under the weights that sampled the batch, no gradient:
-    fixed before the first of several updates on one rollout (the old log-probs of rho)."""
-    lp, _ = forward(model, batch)
+    fixed before the first of several updates on one rollout (the old log-probs of rho). Scored at
+    ``temperature`` like ``nrt_loss``."""
+    lp, _ = forward(model, batch, temperature)
     lp = mx.stop_gradient(lp)
     return shape_rewards(answer_logprobs(lp, batch), batch, cfg), lp
 
 
-def default_normalizer(recipe: Recipe) -> float:
-    """N, the divisor of every row's token sums: objective.normalizer, else the longest possible
-    trace plus answer (max_think_tokens + max_answer_tokens), a constant as in the paper's loss."""
-    return float(
-        recipe.objective.normalizer
-        or recipe.rollout.max_think_tokens + recipe.data.max_answer_tokens
-    )
+# Rows of one GPU's micro-batch in the released recipe (actor.ppo_micro_batch_size_per_gpu).
+RELEASED_MICRO_ROWS = 16
+
+
+def default_normalizer(recipe: Recipe) -> float | None:
+    """N, the divisor of every row's token sums, when it is a constant of the run; None when each
+    step's rows decide it (``objective.normalizer: released`` for NRT: ``released_normalizer``).
+
+    A number > 0 is used as given; 0 (what runs of nrt-mlx 0.1 store), and ``released`` for SFT,
+    give the longest possible trace plus answer, max_think_tokens + max_answer_tokens.
+    """
+    n = recipe.objective.normalizer
+    if n == "released":
+        if recipe.train.method == "nrt":
+            return None
+        n = 0
+    return float(n or recipe.rollout.max_think_tokens + recipe.data.max_answer_tokens)
+
+
+def response_width(batches: list[Batch]) -> int:
+    """W: the longest response [z | m | y* EOS] among the trace rows of ``batches`` (host arrays
+    read once per step, outside the loss): the width the released code pads a rollout's responses
+    to."""
+    width = 0
+    for b in batches:
+        segments = np.array(b.segments)
+        response = np.isin(segments, (THINK, MARKER, ANSWER)).sum(axis=1)
+        width = max(width, int(response[~np.array(b.is_null)].max(initial=0)))
+    return width
+
+
+def released_normalizer(width: int) -> float:
+    """N = W / 16: the released code's gradient scale for the rollout's response width W.
+
+    The released loss ("seq-mean-token-sum-norm" without its configured constant) divides each row's
+    token sum l_k by W, sums over a GPU's micro-batch of 16 rows and scales by 1/G (G = 4 micro-
+    batches per mini-batch); FSDP averages over D = 8 GPUs. One update of a 64-question mini-batch
+    (K = 8: 512 rows = D G 16) thus follows
+
+        grad (1 / (D G)) sum_k l_k / W  =  grad mean_k l_k / (W / 16),
+
+    our mean over trace rows divided by N = W / 16.
+    """
+    return max(width, 1) / RELEASED_MICRO_ROWS
 
 
 def sft_loss(

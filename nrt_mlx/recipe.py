@@ -62,6 +62,10 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     marker: str = "auto"  # answer marker: auto = an unused special token, else this text
+    # A special-token marker's input/output rows: "eos" = start as copies of EOS's and train them
+    # with the adapters (the released method); "keep" = the token's own rows, frozen.
+    marker_rows: Literal["eos", "keep"] = "eos"
+    stop_at_special: bool = True  # any special token ends a trace (dropped; the marker follows)
     think_prefix: str = ""  # text appended to the generation prompt before the trace
 
 
@@ -74,7 +78,10 @@ class ObjectiveConfig:
     format_coef: float = 0.3
     clip_to_null: bool = False  # R_k <- max(0, R_k - R_null)
     scale_by_std: bool = True
-    normalizer: int = 0  # per-row token-sum divisor; 0 = max_think_tokens + max_answer_tokens
+    # N, the per-row token-sum divisor: "released" = the released code's scale (longest response of
+    # the rollout / 16, objective.released_normalizer); 0 = max_think_tokens + max_answer_tokens (the
+    # automatic value of nrt-mlx 0.1, which saved runs store); > 0 = that constant
+    normalizer: Literal["released"] | int = "released"
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.28
 
@@ -86,6 +93,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"  # after the linear warm-up
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
 
@@ -95,8 +103,9 @@ class TrainConfig:
     method: Literal["nrt", "sft"] = "nrt"
     steps: int = 100
     questions_per_step: int = 4
-    micro_batch_questions: int = 0  # questions per forward/backward; 0 = all of the step
-    updates_per_rollout: int = 1  # >1 turns on the clipped importance ratio
+    micro_batch_questions: int = 0  # questions per forward/backward; 0 = all of the mini-batch
+    mini_batches: int = 1  # disjoint mini-batches of whole questions, one update each
+    updates_per_rollout: int = 1  # epochs over the rollout; >1 update per step turns on the ratio
     grad_checkpoint: bool = False
     seed: int = 0
     eval_every: int = 0
@@ -255,8 +264,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "-
         data[section][key] = value
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply overrides and validate. Errors name the file and key."""
+# A run's recipe.yaml records every key its version had. A key it lacks is newer than the run: it
+# takes the value that reproduces what the run's version did, so old runs resume unchanged.
+SAVED_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "rollout": {"marker_rows": "keep", "stop_at_special": False},  # nrt-mlx 0.1
+}
+
+
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, saved_run: bool = False
+) -> Recipe:
+    """Read a YAML recipe, apply overrides and validate. Errors name the file and key.
+
+    ``saved_run``: the file is a run's resolved recipe; keys it lacks take ``SAVED_RUN_DEFAULTS``.
+    """
     path = Path(path)
     if not path.exists():
         raise NrtError(f"{path}: recipe file not found")
@@ -270,6 +291,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         ) from None
     if not isinstance(data, dict):
         raise NrtError(f"{path}: expected a mapping of sections (model:, data:, ...)")
+    if saved_run:
+        for section, values in SAVED_RUN_DEFAULTS.items():
+            given = data.get(section) or {}
+            data[section] = {**values, **given} if isinstance(given, dict) else given
     apply_overrides(data, overrides or [])
     recipe = recipe_from_dict(data, str(path))
     base = path.parent
@@ -306,10 +331,19 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         (recipe.train.steps >= 1, "train.steps must be at least 1"),
         (recipe.train.questions_per_step >= 1, "train.questions_per_step must be at least 1"),
         (recipe.train.updates_per_rollout >= 1, "train.updates_per_rollout must be at least 1"),
+        (recipe.train.mini_batches >= 1, "train.mini_batches must be at least 1"),
+        (
+            recipe.train.mini_batches <= recipe.train.questions_per_step,
+            f"train.mini_batches ({recipe.train.mini_batches}) exceeds train.questions_per_step "
+            f"({recipe.train.questions_per_step}): a mini-batch needs at least one question",
+        ),
         (recipe.lora.layers >= 1 or recipe.lora.layers == -1, "lora.layers must be >= 1 (-1: all)"),
         (recipe.lora.rank >= 1, "lora.rank must be at least 1"),
         (recipe.optimizer.learning_rate > 0, "optimizer.learning_rate must be > 0"),
-        (recipe.objective.normalizer >= 0, "objective.normalizer must be >= 0 (0: automatic)"),
+        (
+            recipe.objective.normalizer == "released" or recipe.objective.normalizer >= 0,
+            "objective.normalizer must be >= 0 (0: max_think_tokens + max_answer_tokens) or released",
+        ),
         (len(recipe.optimizer.betas) == 2, "optimizer.betas must be a list of two numbers"),
         (0 <= recipe.optimizer.warmup_ratio < 1, "optimizer.warmup_ratio must be in [0, 1)"),
     ]

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from nrt_mlx.recipe import RolloutConfig
+from nrt_mlx.vocab import Vocabulary
 
 
 @dataclass
@@ -97,16 +98,67 @@ def _decode(
     return out, RolloutStats(sum(len(o) for o in out), seconds)
 
 
+class MarkerWatch:
+    """Finds the answer marker at the end of a row as it is sampled.
+
+    A special-token marker is its id. A text marker is found in the decoded text, however the
+    model tokenises it: the trace is then the sampled ids before it, or, when the marker starts
+    inside a token, the text before it tokenised again (as the released code re-tokenises traces).
+    """
+
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.vocab = vocab
+        self.id = vocab.marker.ids[0] if vocab.marker.is_special else None
+        self.text = vocab.marker.text
+        # Tokens whose text can hold the marker: every token adds at least one character.
+        self.window = len(self.text) + 2
+
+    def _tail(self, seq: list[int]) -> str:
+        return self.vocab.decode(seq[-self.window :])
+
+    def written(self, seq: list[int]) -> bool:
+        return seq[-1] == self.id if self.id is not None else self.text in self._tail(seq)
+
+    def begun(self, seq: list[int]) -> bool:
+        """The row ends with a proper prefix of a text marker."""
+        if self.id is not None:
+            return False
+        tail = self._tail(seq)
+        return any(tail.endswith(self.text[:p]) for p in range(1, len(self.text)))
+
+    def think(self, seq: list[int], budget: int) -> list[int] | None:
+        """The trace before a written marker, or None when the marker began after ``budget``
+        tokens. The sampled ids are kept when the marker starts on a token boundary."""
+        if self.id is not None:
+            return seq[:-1]
+        text = self.vocab.decode(seq)
+        start = text.find(self.text)
+        if start >= len(self.vocab.decode(seq[:budget])):
+            return None
+        for k in range(len(seq) - 1, max(len(seq) - self.window - 2, -1), -1):
+            if self.vocab.decode(seq[:k]) == text[:start]:
+                return seq[:k]
+        return self.vocab.encode_text(text[:start])
+
+
 def sample_traces(
     model: nn.Module,
     prompts: list[list[int]],
     cfg: RolloutConfig,
-    marker: list[int],
-    eos_ids: frozenset[int] | set[int],
+    vocab: Vocabulary,
     key: mx.array,
 ) -> tuple[list[list[Trace]], RolloutStats]:
-    """``cfg.samples`` traces per prompt, traces[q][k]; ``key`` makes them deterministic."""
-    m, budget = len(marker), cfg.max_think_tokens
+    """``cfg.samples`` traces per prompt, traces[q][k]; ``key`` makes them deterministic.
+
+    A trace ends when the model writes the marker, writes EOS (or, with ``cfg.stop_at_special``,
+    any special token; that token is dropped), or reaches ``cfg.max_think_tokens`` (cut there; a
+    text marker begun within the budget may still be completed).
+    """
+    watch, stop, budget = (
+        MarkerWatch(vocab),
+        vocab.stop_ids(cfg.stop_at_special),
+        cfg.max_think_tokens,
+    )
 
     def pick(logits: mx.array) -> mx.array:
         nonlocal key
@@ -114,19 +166,17 @@ def sample_traces(
         return sample_tokens(logits, sub, cfg.temperature, cfg.top_p)
 
     def finished(seq: list[int]) -> bool:
-        if seq[-m:] == marker or seq[-1] in eos_ids:
+        if seq[-1] in stop or watch.written(seq):
             return True
-        # From the think budget on, only a marker begun within the budget may be completed.
-        return len(seq) >= budget and not any(
-            seq[-p:] == marker[:p] and len(seq) - p < budget for p in range(1, m)
-        )
+        return len(seq) >= budget and not (len(seq) < budget + watch.window and watch.begun(seq))
 
-    seqs, stats = _decode(model, prompts, cfg.samples, pick, finished, budget + m)
+    seqs, stats = _decode(model, prompts, cfg.samples, pick, finished, budget + watch.window)
     traces = []
     for seq in seqs:
-        if len(seq) >= m and seq[-m:] == marker:
-            traces.append(Trace(seq[:-m], True))
-        elif seq[-1] in eos_ids:
+        think = watch.think(seq, budget) if watch.written(seq) else None
+        if think is not None:
+            traces.append(Trace(think, True))
+        elif seq[-1] in stop:
             traces.append(Trace(seq[:-1], False))
         else:
             traces.append(Trace(seq[:budget], False))

@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from nrt_mlx.errors import NrtError
 from nrt_mlx.fileio import append_jsonl, atomic_dir, atomic_write_text
+from nrt_mlx.marker import MARKER_FILE
 from nrt_mlx.model import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -92,7 +93,7 @@ class RunDir:
 
     def read_recipe(self, overrides: list[str] | None = None) -> Recipe:
         """The resolved recipe the run saved."""
-        return load_recipe(self.check().recipe, overrides)
+        return load_recipe(self.check().recipe, overrides, saved_run=True)
 
     def adapter_dir(self, step: int | None = None) -> tuple[Path, int | None]:
         """The adapters of checkpoint ``step`` (None: the latest, in adapters/) and their step."""
@@ -149,8 +150,9 @@ class RunDir:
         path = commit()
         # The latest adapters are the checkpoint's: copy the files rather than serialise again.
         tmp, commit_latest = atomic_dir(self.adapters)
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            shutil.copy2(path / name, tmp / name)
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, MARKER_FILE):
+            if (path / name).exists():
+                shutil.copy2(path / name, tmp / name)
         commit_latest()
         if keep > 0:
             for old in self.list_checkpoints()[:-keep]:

@@ -4,11 +4,14 @@ One NRT step (``train.method: nrt``; docs/NRT.md, "One training step"):
 
 1. ``sample``: take ``questions_per_step`` questions in a seeded, epoch-wise shuffled order and
    sample K traces per question in one batched generation (``nrt_mlx.rollout``);
-2. ``build_batches``: K trace rows plus one null-think row per question (``nrt_mlx.batch``), in
-   micro-batches of whole questions (group normalisation needs all K rows and the null row);
-3. ``update``: per micro-batch one forward pass gives the rewards (without gradient) and the loss
-   (``nrt_mlx.objective``); gradients are accumulated, weighted by the micro-batch's share of
-   trace rows, clipped, and applied by AdamW (``updates_per_rollout`` times on one rollout);
+2. ``build_batches``: K trace rows plus one null-think row per question (``nrt_mlx.batch``), for
+   each of ``train.mini_batches`` disjoint mini-batches of whole questions (``mini_batch_bounds``),
+   in micro-batches of whole questions (group normalisation needs all K rows and the null row);
+3. ``update``: one AdamW update per mini-batch, on each of ``updates_per_rollout`` epochs over the
+   rollout. Per micro-batch one forward pass gives the loss (``nrt_mlx.objective``), and the
+   rewards too when the step makes one update; with several, ``fix_rewards`` fixes the rewards and
+   the old log-probs of the clipped ratio from the sampling weights first. Gradients are
+   accumulated, weighted by the micro-batch's share of the mini-batch's trace rows, and clipped;
 4. ``step_metrics``: the step's figures, read from the device once.
 
 ``train.method: sft`` trains plain LoRA SFT on ``[prompt | y* EOS]``: the baseline to compare with.
@@ -31,11 +34,20 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
+from nrt_mlx import marker
 from nrt_mlx.batch import Batch, build_rows, collate, sft_rows
 from nrt_mlx.data import Dataset, Example, drop_long, load_jsonl
 from nrt_mlx.errors import NrtError
 from nrt_mlx.model import LoadedModel, adapter_config, add_adapters, load_model
-from nrt_mlx.objective import Rewards, default_normalizer, nrt_loss, reference_pass, sft_loss
+from nrt_mlx.objective import (
+    Rewards,
+    default_normalizer,
+    nrt_loss,
+    reference_pass,
+    released_normalizer,
+    response_width,
+    sft_loss,
+)
 from nrt_mlx.progress import Reporter
 from nrt_mlx.recipe import Recipe, save_recipe
 from nrt_mlx.rollout import RolloutStats, Trace, sample_traces
@@ -64,7 +76,7 @@ class Session:
     run: RunDir
     adapter_config: dict
     max_length: int  # longest row: prompt + think + marker + answer limits
-    normalizer: float  # N of the loss (objective.default_normalizer)
+    normalizer: float | None  # N of the loss; None: per step (objective.default_normalizer)
     data_report: str  # what was kept and skipped of data.train
     position: int = 0  # questions consumed so far (the data position a checkpoint saves)
 
@@ -98,17 +110,28 @@ def encode_dataset(data: Dataset, vocab: Vocabulary, recipe: Recipe) -> list[Enc
     return [by_line[ex.line] for ex in data.examples]
 
 
+def updates_per_step(recipe: Recipe) -> int:
+    """Optimizer updates of one step: one per mini-batch on each epoch over the rollout."""
+    return recipe.train.updates_per_rollout * recipe.train.mini_batches
+
+
 def lr_schedule(recipe: Recipe) -> Any:
-    """Linear warm-up to the learning rate, then cosine decay to ``min_lr_ratio`` of it."""
-    o, steps = recipe.optimizer, recipe.train.steps * recipe.train.updates_per_rollout
+    """The rate of optimizer update u = 0, 1, ...: linear warm-up over ``warmup_ratio`` of the run's
+    updates (steps x updates_per_rollout x mini_batches), then ``schedule``: ``constant`` at the
+    learning rate, or ``cosine`` / ``linear`` decay to ``min_lr_ratio`` of it over the rest."""
+    o, steps = recipe.optimizer, recipe.train.steps * updates_per_step(recipe)
     warmup = int(round(o.warmup_ratio * steps))
-    cosine = optim.cosine_decay(
-        o.learning_rate, max(steps - warmup, 1), o.learning_rate * o.min_lr_ratio
-    )
+    rest, end = max(steps - warmup, 1), o.learning_rate * o.min_lr_ratio
+    if o.schedule == "cosine":
+        after = optim.cosine_decay(o.learning_rate, rest, end)
+    elif o.schedule == "linear":
+        after = optim.linear_schedule(o.learning_rate, end, rest)
+    else:  # a linear schedule from the rate to itself: constant
+        after = optim.linear_schedule(o.learning_rate, o.learning_rate, rest)
     if warmup == 0:
-        return cosine
+        return after
     ramp = optim.linear_schedule(o.learning_rate / warmup, o.learning_rate, warmup)
-    return optim.join_schedules([ramp, cosine], [warmup])
+    return optim.join_schedules([ramp, after], [warmup])
 
 
 def make_optimizer(recipe: Recipe) -> optim.Optimizer:
@@ -160,6 +183,8 @@ def prepare(recipe: Recipe, resume: bool = False) -> Session:
         grad_checkpoint(loaded.model.layers[0])
     add_adapters(loaded.model, recipe.lora, recipe.train.seed)
     vocab = Vocabulary.of(loaded.tokenizer, recipe.rollout.marker)
+    nrt = recipe.train.method == "nrt"
+    rows = marker.setup(loaded.model, vocab, recipe.rollout.marker_rows) if nrt else False
     train = encode_dataset(train_data, vocab, recipe)
     valid = encode_dataset(valid_data, vocab, recipe) if valid_data else []
     # Record what was actually used: the resolved quantization.
@@ -170,6 +195,8 @@ def prepare(recipe: Recipe, resume: bool = False) -> Session:
             "method": recipe.train.method,
             "aggregator": recipe.objective.aggregator,
             "marker": m.text,
+            "marker_id": m.ids[0] if m.is_special else None,
+            "marker_rows": marker.MARKER_FILE if rows else None,
         }
     }
     return Session(
@@ -200,10 +227,8 @@ def sample(
     model = session.loaded.model
     model.eval()
     try:
-        v = session.vocab
-        return sample_traces(
-            model, [it.prompt for it in items], session.recipe.rollout, v.marker.ids, v.eos_ids, key
-        )
+        prompts = [it.prompt for it in items]
+        return sample_traces(model, prompts, session.recipe.rollout, session.vocab, key)
     finally:
         model.train()
 
@@ -226,42 +251,58 @@ def build_batches(
     ]
 
 
-def fix_rewards(session: Session, batches: list[Batch]) -> list[Rewards | None]:
-    """With several NRT updates per rollout: the rewards and the old log-probs of the clipped
-    ratio, fixed from the weights that sampled the batches before any update (``batches`` get
-    their ``old_logprobs``). Otherwise None per batch: the loss takes the rewards from its own
+def mini_batch_bounds(questions: int, mini_batches: int) -> list[tuple[int, int]]:
+    """[start, stop) of ``mini_batches`` consecutive, disjoint groups of the step's questions, of
+    nearly equal sizes (they differ by at most one, the larger first)."""
+    size, extra = divmod(questions, mini_batches)
+    stops = np.cumsum([size + (i < extra) for i in range(mini_batches)])
+    return [(int(a), int(b)) for a, b in zip([0, *stops[:-1]], stops)]
+
+
+def fix_rewards(session: Session, minis: list[list[Batch]]) -> list[list[Rewards | None]]:
+    """With several NRT updates per step: the rewards and the old log-probs of the clipped ratio of
+    every micro-batch of every mini-batch, fixed from the weights that sampled the rollout before
+    its first update (the batches in ``minis`` get their ``old_logprobs``), so the ratio is active
+    from the second update on. Otherwise None per batch: the loss takes the rewards from its own
     forward pass."""
     r, model = session.recipe, session.loaded.model
-    if r.train.method != "nrt" or r.train.updates_per_rollout == 1:
-        return [None] * len(batches)
-    fixed: list[Rewards | None] = []
-    for i, b in enumerate(batches):
-        rewards, lp = reference_pass(model, b, r.objective)
-        batches[i] = dataclasses.replace(b, old_logprobs=lp)
-        mx.eval(lp, rewards.advantage, rewards.token_signal)
-        fixed.append(rewards)
+    if r.train.method != "nrt" or updates_per_step(r) == 1:
+        return [[None] * len(mini) for mini in minis]
+    fixed: list[list[Rewards | None]] = []
+    for mini in minis:
+        fixed.append([])
+        for i, b in enumerate(mini):
+            rewards, lp = reference_pass(model, b, r.objective, r.rollout.temperature)
+            mini[i] = dataclasses.replace(b, old_logprobs=lp)
+            mx.eval(lp, rewards.advantage, rewards.token_signal)
+            fixed[-1].append(rewards)
     return fixed
 
 
 def update(
-    session: Session, batches: list[Batch], fixed: list[Rewards | None]
+    session: Session,
+    minis: list[list[Batch]],
+    fixed: list[list[Rewards | None]],
+    normalizer: float,
 ) -> tuple[list[dict[str, mx.array]], mx.array]:
-    """``updates_per_rollout`` optimizer updates on the step's batches (LoRA dropout on).
+    """``updates_per_rollout`` epochs over the step's mini-batches, one optimizer update per
+    mini-batch (LoRA dropout on), the loss divided by ``normalizer``.
 
-    Returns each micro-batch's loss figures of the first update (device arrays) and the clip
-    fraction over all updates.
+    Returns each micro-batch's loss figures of the first epoch (device arrays, mini-batch after
+    mini-batch) and the clip fraction over all updates.
     """
     r, model = session.recipe, session.loaded.model
     nrt = r.train.method == "nrt"
-    total_rows = sum(b.trace_rows for b in batches)
+    schedule = lr_schedule(r)
 
     def weighted_loss(
         model: nn.Module, batch: Batch, weight: float, rewards: Any
     ) -> tuple[mx.array, dict]:
         if nrt:
-            loss, figures = nrt_loss(model, batch, r.objective, session.normalizer, rewards)
+            temperature = r.rollout.temperature
+            loss, figures = nrt_loss(model, batch, r.objective, normalizer, rewards, temperature)
         else:
-            loss, figures = sft_loss(model, batch, session.normalizer)
+            loss, figures = sft_loss(model, batch, normalizer)
         return loss * weight, figures
 
     model.train()  # sampling and evaluation switch LoRA dropout off
@@ -269,22 +310,27 @@ def update(
     first: list[dict[str, mx.array]] = []
     clipped, counted = mx.array(0), mx.array(0)
     for n in range(r.train.updates_per_rollout):
-        grads = None
-        for b, f in zip(batches, fixed):
-            (_, figures), g = value_and_grad(model, b, b.trace_rows / total_rows, f)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            if nrt:
-                clipped, counted = (
-                    clipped + figures["clipped_tokens"],
-                    counted + figures["ratio_tokens"],
-                )
-            mx.eval(grads, figures)  # one micro-batch's graph at a time bounds the memory
-            if n == 0:
-                first.append(figures)
-        if r.optimizer.grad_clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, r.optimizer.grad_clip)
-        session.optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), session.optimizer.state)
+        for mini, mini_fixed in zip(minis, fixed):
+            total_rows = sum(b.trace_rows for b in mini)
+            grads = None
+            for b, f in zip(mini, mini_fixed):
+                (_, figures), g = value_and_grad(model, b, b.trace_rows / total_rows, f)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                if nrt:
+                    clipped, counted = (
+                        clipped + figures["clipped_tokens"],
+                        counted + figures["ratio_tokens"],
+                    )
+                mx.eval(grads, figures)  # one micro-batch's graph at a time bounds the memory
+                if n == 0:
+                    first.append(figures)
+            if r.optimizer.grad_clip > 0:
+                grads, _ = optim.clip_grad_norm(grads, r.optimizer.grad_clip)
+            session.optimizer.update(model, grads)
+            # mlx leaves the rate of the update just made in the state: store the next update's,
+            # so that the rate a step logs (and a checkpoint keeps) is its first update's.
+            session.optimizer.learning_rate = schedule(session.optimizer.step)
+            mx.eval(model.trainable_parameters(), session.optimizer.state)
     return first, clipped / mx.maximum(counted, 1)
 
 
@@ -312,7 +358,7 @@ def step_metrics(
     if traces is None:
         return out, []
     out["null_answer_nll"] = float(nll[null].mean())
-    if session.recipe.train.updates_per_rollout > 1:
+    if updates_per_step(session.recipe) > 1:
         out["clip_fraction"] = float(clip_fraction)
     rewards = np.concatenate([np.array(f["trace_reward"]) for f in figures])[~null].tolist()
     entropy = sum(float(f["think_entropy"].sum()) for f in figures)
@@ -337,11 +383,18 @@ def train_step(session: Session, step: int) -> StepResult:
     traces, rollout = (
         sample(session, items, sample_key) if r.train.method == "nrt" else (None, None)
     )
-    batches = build_batches(session, items, traces)
-    fixed = fix_rewards(session, batches)
-    lr = float(session.optimizer.learning_rate.item())  # the rate this step's update uses
+    minis = [
+        build_batches(session, items[a:b], None if traces is None else traces[a:b])
+        for a, b in mini_batch_bounds(len(items), r.train.mini_batches)
+    ]
+    normalizer = session.normalizer
+    if normalizer is None:  # the whole rollout's width, whatever its mini- and micro-batches
+        normalizer = released_normalizer(response_width([b for mini in minis for b in mini]))
+    fixed = fix_rewards(session, minis)
+    batches = [b for mini in minis for b in mini]
+    lr = float(session.optimizer.learning_rate.item())  # the rate of this step's first update
     start = time.perf_counter()
-    figures, clip_fraction = update(session, batches, fixed)
+    figures, clip_fraction = update(session, minis, fixed, normalizer)
     seconds = time.perf_counter() - start
     session.position += len(items)
     metrics, rewards = step_metrics(session, batches, figures, clip_fraction, traces)
@@ -413,7 +466,9 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
 
     r = session.recipe
     nrt = r.train.method == "nrt"
-    monitor = CollapseMonitor(r.train.collapse_fraction)
+    monitor = CollapseMonitor(
+        r.train.collapse_fraction, traces_per_step=r.train.questions_per_step * r.rollout.samples
+    )
     monitor.replay(session.run.read_metrics())  # a resumed run keeps its starting values
     reporter = Reporter(r.train.steps, start_step, quiet, r.run.log_every)
     try:

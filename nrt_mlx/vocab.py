@@ -43,6 +43,7 @@ class Vocabulary:
     eos_ids: frozenset[int]  # every id that ends a generation (mlx-lm may know several)
     eos_id: int  # the one that ends a reference answer
     pad_id: int  # the pad token, else EOS (padding is never attended to)
+    special_ids: frozenset[int]  # the vocabulary's special tokens, the marker excluded
 
     @classmethod
     def of(cls, tokenizer: Any, marker: str = "auto") -> Vocabulary:
@@ -51,13 +52,22 @@ class Vocabulary:
         if eos is None:
             raise NrtError("the tokenizer has no EOS token; set eos_token in tokenizer_config.json")
         pad = getattr(tokenizer, "pad_token_id", None)
+        resolved = resolve_marker(tokenizer, marker)
         return cls(
             tokenizer=tokenizer,
-            marker=resolve_marker(tokenizer, marker),
+            marker=resolved,
             eos_ids=frozenset(_eos_ids(tokenizer) or [int(eos)]),
             eos_id=int(eos),
             pad_id=int(pad) if pad is not None else int(eos),
+            special_ids=frozenset(
+                i for i, (_, special) in _added_tokens(tokenizer).items() if special
+            )
+            - frozenset(resolved.ids),
         )
+
+    def stop_ids(self, at_special: bool) -> frozenset[int]:
+        """Ids that end a trace without the marker: EOS, and every special token if asked."""
+        return self.eos_ids | self.special_ids if at_special else self.eos_ids
 
     def encode_prompt(self, messages: Sequence[dict] | str, think_prefix: str = "") -> list[int]:
         """Token ids of prompt(x): the chat template with the generation prompt, then ``think_prefix``.

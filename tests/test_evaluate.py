@@ -64,7 +64,7 @@ def trace_ids(model_and_vocab, report):
     model, vocab = model_and_vocab
     prompts = [vocab.encode_prompt(ex.messages, CFG.rollout.think_prefix) for ex in EXAMPLES]
     key = mx.random.split(mx.random.key(CFG.seed))[0]
-    traces, _ = sample_traces(model, prompts, CFG.rollout, vocab.marker.ids, vocab.eos_ids, key)
+    traces, _ = sample_traces(model, prompts, CFG.rollout, vocab, key)
     for group, record in zip(traces, report.questions):
         assert len(group) == len(record["generations"]) == CFG.rollout.samples
         for t, g in zip(group, record["generations"]):

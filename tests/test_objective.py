@@ -27,9 +27,12 @@ from nrt_mlx.objective import (
     aggregate,
     clip_to_null,
     default_normalizer,
+    forward,
     group_normalize,
     nrt_loss,
     reference_pass,
+    released_normalizer,
+    response_width,
     sft_loss,
     token_logprobs,
 )
@@ -421,9 +424,9 @@ def _pad(batch: Batch, pad_id: int, extra_tokens: int, extra_answer: int = 0) ->
 # --------------------------------------------------------------------------------------------
 
 
-def _row_logprobs(model, row: Row) -> mx.array:
-    """log p(tokens[j] | tokens[<j]) for j = 1..n-1 of one unpadded row."""
-    logits = model(mx.array(row.tokens[:-1])[None])[0]
+def _row_logprobs(model, row: Row, temperature: float = 1.0) -> mx.array:
+    """log p(tokens[j] | tokens[<j]) for j = 1..n-1 of one unpadded row, p = softmax(logits / T)."""
+    logits = model(mx.array(row.tokens[:-1])[None])[0] / temperature
     return -nn.losses.cross_entropy(logits, mx.array(row.tokens[1:]), reduction="none")
 
 
@@ -436,14 +439,14 @@ def _pick(lp: mx.array, idx: np.ndarray) -> mx.array:
     return lp[mx.array(idx)] if idx.size else mx.zeros((0,))
 
 
-def _reference_loss(model, rows, adv, signal, cfg, weights=None) -> mx.array:
+def _reference_loss(model, rows, adv, signal, cfg, weights=None, temperature=1.0) -> mx.array:
     """mean over training rows of (c_trace L_trace + c_token L_token + c_format L_format) / N."""
     total, n = mx.array(0.0), 0
     for b, row in enumerate(rows):
         if row.is_null:
             continue
         n += 1
-        lp = _row_logprobs(model, row)
+        lp = _row_logprobs(model, row, temperature)
         trace = _pick(lp, _where(row, THINK, MARKER))
         if weights is not None:
             trace = trace * mx.array(weights[b])
@@ -477,11 +480,14 @@ def _normalise64(values: np.ndarray, keep: np.ndarray, scale: bool) -> np.ndarra
     return out
 
 
-def _reference_rewards(model, rows, cfg):
-    """Raw rewards [B], advantages [B] and token signals [B, T] in float64 numpy."""
-    answers = [
-        np.array(_pick(_row_logprobs(model, r), _where(r, ANSWER)), dtype=np.float64) for r in rows
-    ]
+def _reference_rewards(model, rows, cfg, answers=None):
+    """Raw rewards [B], advantages [B] and token signals [B, T] in float64 numpy, from the answer
+    log-probs of each row (``answers``; default: those of the model at temperature 1)."""
+    if answers is None:
+        answers = [
+            np.array(_pick(_row_logprobs(model, r), _where(r, ANSWER)), dtype=np.float64)
+            for r in rows
+        ]
     null_of = {r.question: i for i, r in enumerate(rows) if r.is_null}
     t = max(len(a) for a in answers)
     raw, sig = np.zeros(len(rows)), np.zeros((len(rows), t))
@@ -539,16 +545,21 @@ def test_token_logprobs_matches_log_softmax() -> None:
 
 
 def test_default_normalizer() -> None:
-    """objective.normalizer when set, else max_think_tokens + max_answer_tokens."""
+    """released (the default): decided per step for NRT; 0 (what nrt-mlx 0.1 runs store), and
+    released for SFT: max_think_tokens + max_answer_tokens; a number > 0: itself."""
     recipe = Recipe()
     recipe.rollout.max_think_tokens, recipe.data.max_answer_tokens = 100, 30
-    assert recipe.objective.normalizer == 0
+    assert recipe.objective.normalizer == "released"
+    assert default_normalizer(recipe) is None
+    recipe.train.method = "sft"
+    got = default_normalizer(recipe)
+    assert got == 130.0 and isinstance(got, float)
+    recipe.train.method, recipe.objective.normalizer = "nrt", 0
     got = default_normalizer(recipe)
     assert got == 130.0 and isinstance(got, float)
     recipe.objective.normalizer = 37
     got = default_normalizer(recipe)
     assert got == 37.0 and isinstance(got, float)
-    assert default_normalizer(Recipe()) == Recipe().rollout.max_think_tokens + 512
 
 
 def test_trace_gradient_is_reinforce(loaded) -> None:
@@ -852,3 +863,110 @@ def test_loss_bad_inputs(loaded) -> None:
         nrt_loss(model, collate(plain, 0), ObjectiveConfig(), NORM)
     with pytest.raises(NrtError, match="no null-think rows"):
         reference_pass(model, collate(plain, 0), ObjectiveConfig())
+
+
+# ============================================================================================
+# Temperature-consistent scoring and the released loss scale
+# ============================================================================================
+
+TEMPERATURE = 0.7
+
+
+def _tempered64(model, row: Row, temperature: float) -> np.ndarray:
+    """float64 numpy log softmax(logits / T) of one unpadded row, [n - 1, V]."""
+    x = np.array(model(mx.array(row.tokens[:-1])[None])[0], dtype=np.float64) / temperature
+    top = x.max(-1, keepdims=True)
+    return x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))
+
+
+def test_forward_scores_logits_over_the_temperature(loaded) -> None:
+    """log p and the entropy of softmax(logits / T) at every position; T = 1 is the model."""
+    model, vocab = loaded
+    rows = _rows(vocab)
+    batch = collate(rows, vocab.pad_id)
+    lp, ent = forward(model, batch, TEMPERATURE)
+    lp1, ent1 = forward(model, batch)
+    for b, row in enumerate(rows):
+        n = len(row.tokens)
+        ls = _tempered64(model, row, TEMPERATURE)
+        want_lp = ls[np.arange(n - 1), row.tokens[1:]]
+        want_ent = -(np.exp(ls) * ls).sum(-1)
+        np.testing.assert_allclose(np.array(lp)[b, 1:n], want_lp, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array(ent)[b, 1:n], want_ent, rtol=1e-5, atol=1e-5)
+        # The tempered figures are not the model's own: T really reaches them.
+        ls1 = _tempered64(model, row, 1.0)
+        assert np.abs(ls1[np.arange(n - 1), row.tokens[1:]] - want_lp).max() > 0.05
+        np.testing.assert_allclose(
+            np.array(lp1)[b, 1:n], ls1[np.arange(n - 1), row.tokens[1:]], rtol=1e-5, atol=1e-5
+        )
+    np.testing.assert_array_equal(np.array(forward(model, batch, 1.0)[0]), np.array(lp1))
+    np.testing.assert_array_equal(np.array(forward(model, batch, 1.0)[1]), np.array(ent1))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:3], ids=lambda c: c.aggregator)
+def test_rewards_and_loss_at_the_sampling_temperature(loaded, cfg: ObjectiveConfig) -> None:
+    """Rewards (c, b), the loss, its gradient and the think entropy all score logits / T."""
+    model, vocab = loaded
+    rows = _rows(vocab)
+    batch = collate(rows, vocab.pad_id)
+    tempered = [_tempered64(model, r, TEMPERATURE) for r in rows]
+    answers = [
+        ls[_where(r, ANSWER), np.array(r.tokens[1:])[_where(r, ANSWER)]]
+        for ls, r in zip(tempered, rows)
+    ]
+    raw, adv, signal, _ = _reference_rewards(model, rows, cfg, answers)
+    assert np.abs(adv).max() > 0.1
+    loss, figures = nrt_loss(model, batch, cfg, NORM, temperature=TEMPERATURE)
+    np.testing.assert_allclose(np.array(figures["trace_reward"]), raw, rtol=1e-4)
+    rewards, _ = reference_pass(model, batch, cfg, TEMPERATURE)
+    np.testing.assert_allclose(np.array(rewards.trace_reward), raw, rtol=1e-4)
+    np.testing.assert_allclose(np.array(rewards.advantage), adv, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(np.array(rewards.token_signal), signal, rtol=1e-3, atol=1e-4)
+    # The think entropy figure is that of the distribution the traces were sampled from.
+    want_ent = [-(np.exp(ls) * ls).sum(-1)[_where(r, THINK)].sum() for ls, r in zip(tempered, rows)]
+    np.testing.assert_allclose(np.array(figures["think_entropy"]), want_ent, rtol=1e-4, atol=1e-5)
+    want = _reference_loss(model, rows, adv, signal, cfg, temperature=TEMPERATURE)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-4)
+    untempered = float(nrt_loss(model, batch, cfg, NORM)[0])
+    assert abs(untempered - float(loss)) > 1e-3 * abs(float(loss))
+    _assert_grads_close(
+        _grads(model, lambda: nrt_loss(model, batch, cfg, NORM, temperature=TEMPERATURE)[0]),
+        _grads(model, lambda: _reference_loss(model, rows, adv, signal, cfg, None, TEMPERATURE)),
+    )
+
+
+def test_response_width_is_the_longest_trace_response(loaded) -> None:
+    """W counts think, marker and answer tokens of trace rows, over all the step's batches."""
+    model, vocab = loaded
+    rows = _rows(vocab)
+    prompt = {
+        q: len(vocab.encode_prompt([{"role": "user", "content": text}]))
+        for q, (text, _) in enumerate(QUESTIONS)
+    }
+    per_question = [
+        max(len(r.tokens) - prompt[q] for r in rows if r.question == q and not r.is_null)
+        for q in (0, 1)
+    ]
+    assert per_question[0] != per_question[1]
+    first, second = collate(rows[:4], vocab.pad_id), collate(rows[4:], vocab.pad_id)
+    assert response_width([first]) == per_question[0]
+    assert response_width([second]) == per_question[1]
+    assert response_width([first, second]) == max(per_question)
+    assert response_width([_pad(collate(rows, 7), 7, extra_tokens=13)]) == max(per_question)
+    assert released_normalizer(max(per_question)) == max(per_question) / 16
+
+
+def test_released_normalizer_gives_the_released_update_scale() -> None:
+    """The released update of a 64-question mini-batch, K = 8 (512 rows): 8 GPUs, each 4 micro-
+    batches of 16 rows, each micro-batch's loss sum_k l_k / W scaled by 1/4 (gradient
+    accumulation), gradients averaged over the GPUs (FSDP). The loss is linear in the row sums l_k,
+    so equal losses mean equal gradients: ours is mean_k l_k / N with N = released_normalizer(W)."""
+    rng = np.random.default_rng(0)
+    width = 3001
+    row_sums = rng.normal(0.0, 300.0, 512)
+    gpus = row_sums.reshape(8, 4, 16)
+    released = np.mean([sum(micro.sum() / width / 4 for micro in gpu) for gpu in gpus])
+    ours = row_sums.mean() / released_normalizer(width)
+    np.testing.assert_allclose(ours, released, rtol=1e-12)
+    # 0.1's constant, with the released lengths (think 2048, answers 4096), is 24 times larger.
+    assert (2048 + 4096) / released_normalizer(4096) == 24

@@ -1,6 +1,8 @@
 """Batched decoding: sampled traces (stops, determinism, the model's own distribution, shared
 prompt caches), top-p, and greedy answers against step-by-step argmax decoding."""
 
+from dataclasses import replace
+
 import mlx.core as mx
 import mlx_lm
 import numpy as np
@@ -8,8 +10,20 @@ import pytest
 
 from nrt_mlx.recipe import RolloutConfig
 from nrt_mlx.rollout import greedy_answers, sample_tokens, sample_traces
+from nrt_mlx.vocab import AnswerMarker, Vocabulary
 
 MARKER, EOS = [4], {2}  # <|reserved_1|> and <|im_end|> of the tiny tokenizer
+
+
+def V(tok, marker: list[int], eos: set[int], special: frozenset[int] = frozenset()) -> Vocabulary:
+    """The tiny vocabulary with these marker ids (one id: a special-token marker, found by id;
+    several: a text marker, found in the decoded text; ids outside the vocabulary: a marker that is
+    never written) and these stop ids."""
+    vocab = Vocabulary.of(tok)
+    size = len(tok._tokenizer)
+    text = tok.decode(marker) if all(i < size for i in marker) else "\x00never\x00"
+    m = AnswerMarker(text, list(marker), is_special=len(marker) == 1 and marker[0] < size)
+    return replace(vocab, marker=m, eos_ids=frozenset(eos), special_ids=special)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +72,9 @@ def test_traces_are_deterministic_and_count_every_token(model_and_tokenizer):
     model, tok = model_and_tokenizer
     prompts = [tok.encode("What is the capital of France? Think first."), tok.encode("one two")]
     cfg = RolloutConfig(samples=3, max_think_tokens=12, temperature=0.8, top_p=0.95)
-    traces, stats = sample_traces(model, prompts, cfg, MARKER, EOS, mx.random.key(3))
-    again, _ = sample_traces(model, prompts, cfg, MARKER, EOS, mx.random.key(3))
-    other, _ = sample_traces(model, prompts, cfg, MARKER, EOS, mx.random.key(4))
+    traces, stats = sample_traces(model, prompts, cfg, V(tok, MARKER, EOS), mx.random.key(3))
+    again, _ = sample_traces(model, prompts, cfg, V(tok, MARKER, EOS), mx.random.key(3))
+    other, _ = sample_traces(model, prompts, cfg, V(tok, MARKER, EOS), mx.random.key(4))
     flat = [t.tokens for g in traces for t in g]
     assert flat == [t.tokens for g in again for t in g]
     assert [t.emitted_marker for g in traces for t in g] == [
@@ -88,7 +102,7 @@ def test_every_sampled_token_is_in_the_models_nucleus(model_and_tokenizer):
         tok.encode("why is the sky blue"),
     ]
     cfg = RolloutConfig(samples=4, max_think_tokens=10, temperature=0.5, top_p=0.3)
-    traces, _ = sample_traces(model, prompts, cfg, MARKER, EOS, mx.random.key(7))
+    traces, _ = sample_traces(model, prompts, cfg, V(tok, MARKER, EOS), mx.random.key(7))
     sizes, drawn = [], 0
     for prompt, group in zip(prompts, traces):
         for t in group:
@@ -117,9 +131,9 @@ def test_batched_traces_equal_greedy_decoding_one_prompt_at_a_time(model_and_tok
     # A marker the first prompt's greedy continuation writes at its 4th token: that row finishes
     # early and leaves the batch while the others keep decoding.
     marker = [argmax_decode(model, prompts[0], set(), 4)[-1]]
-    together, _ = sample_traces(model, prompts, cold, marker, EOS, mx.random.key(0))
+    together, _ = sample_traces(model, prompts, cold, V(tok, marker, EOS), mx.random.key(0))
     for q, prompt in enumerate(prompts):
-        alone, _ = sample_traces(model, [prompt], cold, marker, EOS, mx.random.key(q + 1))
+        alone, _ = sample_traces(model, [prompt], cold, V(tok, marker, EOS), mx.random.key(q + 1))
         ref = argmax_decode(model, prompt, EOS, budget, stop=marker)
         emitted = ref[-1:] == marker
         expected = ref[:-1] if emitted else ref
@@ -136,22 +150,26 @@ def test_stops_at_marker_eos_and_budget(model_and_tokenizer):
     greedy = int(np.argmax(full_logprobs(model, prompt)[-1]))
     nearly_greedy = RolloutConfig(samples=2, max_think_tokens=6, temperature=1e-4)
     # The marker is the token the model will certainly write first: it stops at once.
-    traces, _ = sample_traces(model, [prompt], nearly_greedy, [greedy], EOS, mx.random.key(0))
+    traces, _ = sample_traces(
+        model, [prompt], nearly_greedy, V(tok, [greedy], EOS), mx.random.key(0)
+    )
     assert all(t.emitted_marker and t.tokens == [] for t in traces[0])
     # A two-token text marker: the greedy continuation's first two tokens.
     second = int(np.argmax(full_logprobs(model, prompt + [greedy])[-1]))
     traces, _ = sample_traces(
-        model, [prompt], nearly_greedy, [greedy, second], EOS, mx.random.key(0)
+        model, [prompt], nearly_greedy, V(tok, [greedy, second], EOS), mx.random.key(0)
     )
     assert all(t.emitted_marker and t.tokens == [] for t in traces[0])
     # The same token as EOS instead: ends by EOS, no marker, and EOS is not part of the trace.
     traces, stats = sample_traces(
-        model, [prompt], nearly_greedy, [9999], {greedy}, mx.random.key(0)
+        model, [prompt], nearly_greedy, V(tok, [9999], {greedy}), mx.random.key(0)
     )
     assert all(not t.emitted_marker and t.tokens == [] for t in traces[0])
     assert stats.tokens == 2  # one EOS per row
     # Neither: the budget ends it.
-    traces, _ = sample_traces(model, [prompt], nearly_greedy, [9999], {9998}, mx.random.key(0))
+    traces, _ = sample_traces(
+        model, [prompt], nearly_greedy, V(tok, [9999], {9998}), mx.random.key(0)
+    )
     assert all(len(t.tokens) == 6 and not t.emitted_marker for t in traces[0])
 
 
@@ -201,6 +219,6 @@ def test_a_marker_begun_within_the_budget_may_be_completed(model_and_tokenizer, 
     marker = greedy[starts_at : starts_at + 2]
     assert all(greedy[i : i + 2] != marker for i in range(starts_at))  # not written earlier
     cfg = RolloutConfig(samples=1, max_think_tokens=5, temperature=1e-4)
-    [[trace]], _ = sample_traces(model, [prompt], cfg, marker, {-1}, mx.random.key(0))
+    [[trace]], _ = sample_traces(model, [prompt], cfg, V(tok, marker, {-1}), mx.random.key(0))
     assert trace.emitted_marker is emitted
     assert trace.tokens == (greedy[:starts_at] if emitted else greedy[:5])

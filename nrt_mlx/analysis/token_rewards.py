@@ -177,7 +177,7 @@ def token_rewards(
             group = [Trace(vocab.encode_text(text), emitted_marker=True) for text in traces]
         else:
             key = mx.random.key(seed)
-            group = sample_traces(model, [prompt], rollout, marker.ids, vocab.eos_ids, key)[0][0]
+            group = sample_traces(model, [prompt], rollout, vocab, key)[0][0]
         rows = build_rows(prompt, group, marker.ids, answer_ids, 0)
         scores = row_likelihoods(model, rows, vocab.pad_id)
     finally:

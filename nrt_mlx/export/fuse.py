@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from nrt_mlx import marker
 from nrt_mlx.errors import NrtError, first_line
 from nrt_mlx.fileio import atomic_dir, check_replaceable
 from nrt_mlx.model import LoadedModel, apply_adapters, load_trained_base
@@ -78,6 +79,7 @@ def fuse_run(
     if export_gguf:
         check_gguf_exportable(loaded, dequantize)
     apply_adapters(loaded.model, adapter_dir)
+    marker.bake(loaded.model)  # the trained marker rows go into the embedding and output matrices
     fuse_adapters(loaded.model, dequantize)
     config = fused_config(loaded, dequantize)
     restore_checkpoint_dtype(loaded.model, loaded.local_path)
