@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from nrt_mlx.cli import main
 
@@ -21,3 +23,32 @@ def run_cli(
         code = exc.code or 0
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+DATA = Path(__file__).resolve().parent.parent / "recipes" / "data"
+
+
+def tiny_recipe(tmp_path: Path, model_dir: Path, name: str = "run", **sections: dict) -> dict:
+    """A small NRT recipe for the tiny model on the bundled data; ``sections`` update its keys."""
+    recipe: dict = {
+        "model": {"path": str(model_dir)},
+        "data": {
+            "train": str(DATA / "train.jsonl"),
+            "max_prompt_tokens": 96,
+            "max_answer_tokens": 48,
+        },
+        "lora": {"layers": 2, "rank": 4},
+        "rollout": {"samples": 2, "max_think_tokens": 8},
+        "optimizer": {"learning_rate": 1e-3, "warmup_ratio": 0.0},
+        "train": {"steps": 3, "questions_per_step": 2},
+        "run": {"dir": str(tmp_path / name)},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
+
+
+def write_recipe(tmp_path: Path, recipe: dict, name: str = "run") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import yaml
+from helpers import tiny_recipe
 from mlx.utils import tree_flatten, tree_unflatten
 
 from nrt_mlx import trainer
@@ -26,24 +27,9 @@ from nrt_mlx.errors import NrtError
 from nrt_mlx.objective import RELEASED_MICRO_ROWS, nrt_loss, reference_pass
 from nrt_mlx.recipe import Recipe, load_recipe, recipe_from_dict
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "recipes" / "data"
-
 
 def recipe_dict(tmp_path: Path, model_dir: Path, name: str = "run", **sections) -> dict:
-    recipe = {
-        "model": {"path": str(model_dir)},
-        "data": {
-            "train": str(DATA / "train.jsonl"),
-            "max_prompt_tokens": 96,
-            "max_answer_tokens": 48,
-        },
-        "lora": {"layers": 2, "rank": 4},
-        "rollout": {"samples": 2, "max_think_tokens": 8},
-        "optimizer": {"learning_rate": 1e-3, "warmup_ratio": 0.0},
-        "train": {"steps": 3, "questions_per_step": 2},
-        "run": {"dir": str(tmp_path / name), "save_every": 100, "samples_every": 0},
-    }
+    recipe = tiny_recipe(tmp_path, model_dir, name, run={"save_every": 100, "samples_every": 0})
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
     return recipe

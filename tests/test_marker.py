@@ -14,6 +14,7 @@ import mlx_lm
 import numpy as np
 import pytest
 import yaml
+from helpers import tiny_recipe
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
@@ -25,8 +26,6 @@ from nrt_mlx.rollout import MarkerWatch, sample_traces
 from nrt_mlx.rundir import find_adapters
 from nrt_mlx.vocab import AnswerMarker, Vocabulary
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "recipes" / "data"
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -93,23 +92,8 @@ def test_untrained_special_token_is_refused_unless_started_from_eos(tiny_model_d
     weights = mx.load(str(base / "model.safetensors"))
     weights["model.embed_tokens.weight"][4] = 0.0  # <|reserved_1|> as in Llama-3: never trained
     mx.save_safetensors(str(base / "model.safetensors"), weights, metadata={"format": "mlx"})
-    recipe = {
-        "model": {"path": str(base)},
-        "data": {
-            "train": str(DATA / "train.jsonl"),
-            "max_prompt_tokens": 96,
-            "max_answer_tokens": 48,
-        },
-        "lora": {"layers": 2, "rank": 4},
-        "rollout": {
-            "samples": 2,
-            "max_think_tokens": 6,
-            "marker": "<|reserved_1|>",
-            "marker_rows": "keep",
-        },
-        "train": {"steps": 1, "questions_per_step": 2},
-        "run": {"dir": str(tmp_path / "run")},
-    }
+    rollout = {"max_think_tokens": 6, "marker": "<|reserved_1|>", "marker_rows": "keep"}
+    recipe = tiny_recipe(tmp_path, base, rollout=rollout, train={"steps": 1})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     proc = subprocess.run(
@@ -128,19 +112,14 @@ def test_untrained_special_token_is_refused_unless_started_from_eos(tiny_model_d
 
 
 def test_training_moves_the_rows_and_every_loader_restores_them(tiny_model_dir, tmp_path):
-    recipe = {
-        "model": {"path": str(tiny_model_dir)},
-        "data": {
-            "train": str(DATA / "train.jsonl"),
-            "max_prompt_tokens": 96,
-            "max_answer_tokens": 48,
-        },
-        "lora": {"layers": 2, "rank": 4},
-        "rollout": {"samples": 2, "max_think_tokens": 6},
-        "optimizer": {"learning_rate": 1e-2, "warmup_ratio": 0.0},
-        "train": {"steps": 2, "questions_per_step": 2},
-        "run": {"dir": str(tmp_path / "run"), "save_every": 1},
-    }
+    recipe = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        rollout={"max_think_tokens": 6},
+        optimizer={"learning_rate": 1e-2},
+        train={"steps": 2},
+        run={"save_every": 1},
+    )
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert CliRunner().invoke(app, ["train", str(path), "--quiet"]).exit_code == 0

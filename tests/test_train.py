@@ -11,35 +11,24 @@ import mlx_lm
 import numpy as np
 import pytest
 import yaml
+from helpers import DATA, tiny_recipe, write_recipe
 from typer.testing import CliRunner
 
 from nrt_mlx.cli import app
 from nrt_mlx.objective import AGGREGATORS
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "recipes" / "data"
-
 
 def make_recipe(tmp_path: Path, model_dir: Path, name: str = "run", **sections) -> Path:
-    recipe = {
-        "model": {"path": str(model_dir)},
-        "data": {
-            "train": str(DATA / "train.jsonl"),
-            "valid": str(DATA / "test.jsonl"),
-            "max_prompt_tokens": 96,
-            "max_answer_tokens": 48,
-        },
-        "lora": {"layers": 2, "rank": 4},
-        "rollout": {"samples": 2, "max_think_tokens": 8},
-        "optimizer": {"learning_rate": 1e-3, "warmup_ratio": 0.0},
-        "train": {"steps": 3, "questions_per_step": 2},
-        "run": {"dir": str(tmp_path / name), "save_every": 2, "samples_every": 1},
-    }
+    recipe = tiny_recipe(
+        tmp_path,
+        model_dir,
+        name,
+        data={"valid": str(DATA / "test.jsonl")},
+        run={"save_every": 2, "samples_every": 1},
+    )
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_recipe(tmp_path, recipe, name)
 
 
 def cli(*args: str) -> str:
