@@ -46,14 +46,18 @@ def _with_column(logits: mx.array, idx: int, column: mx.array) -> mx.array:
     return mx.where(hit, column[..., None].astype(logits.dtype), logits)
 
 
-class MarkerEmbedding(nn.Module):
-    """The input embedding with the marker's row trainable (and, tied, its output row too)."""
+class _MarkerRow(nn.Module):
+    """A frozen ``base`` layer whose row ``marker_id`` is replaced by the trainable ``marker_row``."""
 
     def __init__(self, base: nn.Module, marker_id: int, row: mx.array) -> None:
         super().__init__()
         self.base = base
         self.marker_id = marker_id
         self.marker_row = row
+
+
+class MarkerEmbedding(_MarkerRow):
+    """The input embedding with the marker's row trainable (and, tied, its output row too)."""
 
     def __call__(self, ids: mx.array) -> mx.array:
         x = self.base(ids)
@@ -63,14 +67,8 @@ class MarkerEmbedding(nn.Module):
         return _with_column(self.base.as_linear(x), self.marker_id, x @ self.marker_row)
 
 
-class MarkerHead(nn.Module):
+class MarkerHead(_MarkerRow):
     """The output layer with the marker's row trainable (untied embeddings)."""
-
-    def __init__(self, base: nn.Module, marker_id: int, row: mx.array) -> None:
-        super().__init__()
-        self.base = base
-        self.marker_id = marker_id
-        self.marker_row = row
 
     def __call__(self, x: mx.array) -> mx.array:
         return _with_column(self.base(x), self.marker_id, x @ self.marker_row)
