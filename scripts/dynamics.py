@@ -27,7 +27,7 @@ from nrt_mlx.trainer import train
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "auto": ["rollout.marker=auto"],  # an unused special token started from EOS's rows
-    "text": ["rollout.marker=\nAnswer:\n"],  # the 0.1 quickstart's text marker
+    "text": ['rollout.marker="\\nAnswer:\\n"'],  # the 0.1 quickstart's text marker (YAML-quoted)
 }
 FIGURES = (
     ("marker_rate", "marker rate"),
@@ -52,6 +52,10 @@ def run_variant(name: str, steps: int, out: Path, extra: list[str]) -> Path:
     return train(recipe, quiet=True)
 
 
+def _finished(run: Path, steps: int) -> bool:
+    return (run / "metrics.jsonl").exists() and load_run(run).last_step() >= steps
+
+
 def summary(run: Path, window: int = 10) -> dict[str, tuple[float, float]]:
     log = load_run(run)
     out = {}
@@ -69,9 +73,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "dynamics")
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS))
     parser.add_argument("--set", action="append", default=[], help="extra recipe override")
+    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished")
     args = parser.parse_args()
     names = args.variant or list(VARIANTS)
-    runs = [run_variant(name, args.steps, args.out, args.set) for name in names]
+    runs = [
+        args.out / name
+        if args.reuse and _finished(args.out / name, args.steps)
+        else run_variant(name, args.steps, args.out, args.set)
+        for name in names
+    ]
     print(f"{'figure':<24}" + "".join(f"{name + ' first10 -> last10':>30}" for name in names))
     tables = [summary(r) for r in runs]
     for key, label in FIGURES:
