@@ -241,3 +241,36 @@ def test_runs_saved_before_these_keys_keep_their_behaviour(tmp_path):
     old = load_recipe(path, saved_run=True)  # a run's recipe.yaml written by 0.1
     assert (old.rollout.marker_rows, old.rollout.stop_at_special) == ("keep", False)
     assert AnswerMarker("x", [1], True).is_special
+
+
+def test_rows_of_a_quantized_model_start_as_eos_and_bake_into_its_packed_rows(tiny_model_dir):
+    import mlx.nn as nn
+
+    model, tok = mlx_lm.load(str(tiny_model_dir))
+    nn.quantize(model, group_size=32, bits=4)  # embedding and output layer become quantized
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    model.freeze()
+    vocab = Vocabulary.of(tok)
+    m, eos = vocab.marker.ids[0], vocab.eos_id
+    marker.setup(model, vocab, "eos")
+    out = logits_of(model, tok)
+    np.testing.assert_allclose(out[:, m], out[:, eos], atol=1e-5)  # the dequantized EOS rows
+    trained = [(k, v * 1.3) for k, v in marker.rows(model).items()]
+    model.load_weights(trained, strict=False)
+    want = dict(trained)
+    marker.bake(model)
+    embed, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(embed, nn.QuantizedEmbedding) and isinstance(head, nn.QuantizedLinear)
+    for module, key in ((embed, "model.embed_tokens.marker_row"), (head, "lm_head.marker_row")):
+        row = mx.dequantize(
+            module.weight[m : m + 1], module.scales[m : m + 1], module.biases[m : m + 1], 32, 4
+        )[0]
+        step = float(mx.abs(want[key]).max()) / 7  # one 4-bit quantization step, at most
+        np.testing.assert_allclose(np.array(row), np.array(want[key]), atol=step)
+    # the other rows are untouched
+    other = mx.dequantize(
+        embed.weight[eos : eos + 1], embed.scales[eos : eos + 1], embed.biases[eos : eos + 1], 32, 4
+    )
+    np.testing.assert_allclose(
+        np.array(other[0]) * 1.3, np.array(want["model.embed_tokens.marker_row"]), atol=1e-5
+    )
