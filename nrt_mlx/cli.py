@@ -7,8 +7,11 @@ message with exit status 2 (see ``command``).
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -29,8 +32,9 @@ def fail(message: str) -> None:
 
 
 def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
-    """``app.command`` whose NrtError becomes ``error: ...`` and exit status 2, never a traceback
-    (inside the command, so typer's CliRunner sees the same as a terminal)."""
+    """``app.command`` whose NrtError becomes ``error: ...`` and exit status 2, never a traceback,
+    and whose Ctrl-C becomes one line (training: where the last checkpoint is and how to continue)
+    and exit status 130 (inside the command, so typer's CliRunner sees the same as a terminal)."""
 
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -39,6 +43,9 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
                 return fn(*a, **k)
             except NrtError as err:
                 fail(str(err))
+            except KeyboardInterrupt as err:
+                typer.echo(str(err) or "interrupted", err=True)
+                raise typer.Exit(130) from None
 
         return app.command(*args, **kwargs)(run)
 
@@ -52,6 +59,35 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+
+
+TRUST_HELP = (
+    "Let the model run its own Python code from the Hub (tokenizer code). A recipe's "
+    "model.trust_remote_code alone never does: it needs this flag."
+)
+
+
+def check_out_file(out: str, flag: str) -> Path:
+    """Refuse an output file that cannot be written, before the work whose result it keeps."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise NrtError(
+            f"{flag} {out}: is a directory; give a file path, e.g. {path / 'report.json'}"
+        )
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NrtError(f"{flag} {out}: {folder} is a file, not a directory; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".nrt-mlx-write-test-")
+    except OSError as err:
+        raise NrtError(
+            f"{flag} {out}: cannot write in {folder} ({err.strerror}); choose another path"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 # ---- train -----------------------------------------------------------------------------------
@@ -69,19 +105,27 @@ def train(
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="Plain log lines instead of a progress bar."
     ),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
-    """Train LoRA adapters with NRT (or the SFT baseline) as RECIPE says."""
+    """Train LoRA adapters with NRT (or the SFT baseline) as RECIPE says.
+
+    --resume RUN_DIR --set KEY=VALUE changes a key from the run's next step on, recorded in RUN_DIR/recipe.yaml; keys that fix what the run saved (model, LoRA shape, marker, method, aggregator, mini_batches, updates_per_rollout) are refused.
+    """
     from nrt_mlx import trainer
-    from nrt_mlx.recipe import load_recipe
+    from nrt_mlx.recipe import load_recipe, with_remote_code
 
     if resume:
         if recipe:
             fail("give either a recipe or --resume RUN_DIR, not both")
-        run_dir = trainer.resume(resume, quiet=quiet, overrides=set_)
+        run_dir = trainer.resume(
+            resume, quiet=quiet, overrides=set_, trust_remote_code=trust_remote_code
+        )
     else:
         if not recipe:
             fail("missing recipe: nrt-mlx train RECIPE.yaml (or --resume RUN_DIR)")
-        run_dir = trainer.train(load_recipe(recipe, set_), quiet=quiet)
+        loaded = load_recipe(recipe, set_)
+        loaded.model = with_remote_code(loaded.model, trust_remote_code, recipe)
+        run_dir = trainer.train(loaded, quiet=quiet, trust_remote_code=trust_remote_code)
     typer.echo(f"adapters: {run_dir / 'adapters'}")
 
 
@@ -163,6 +207,7 @@ def fuse(
         None, "--upload-repo", help="Then upload the model to this Hugging Face repo (owner/name)."
     ),
     private: bool = typer.Option(False, "--private", help="Create the uploaded repo as private."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Merge a run's LoRA/DoRA adapters into the base: a model mlx_lm.generate runs as is."""
     from nrt_mlx.export.fuse import fuse_run
@@ -178,6 +223,7 @@ def fuse(
         dequantize=dequantize,
         export_gguf=export_gguf,
         repo_id=upload_repo,
+        trust_remote_code=trust_remote_code,
     )
     typer.echo(f"fused model written to {out}")
     typer.echo(f'try it: mlx_lm.generate --model {out} --prompt "Why is the sky blue?"')
@@ -257,6 +303,7 @@ def eval_(
         False, "--no-generate", help="Skip the generated answers (likelihoods only)."
     ),
     out: str = typer.Option("eval_report.json", "--out", help="Where to write the JSON report."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Answer NLL with and without reasoning, generated-answer EM/F1, accuracy on options, traces."""
     from rich.console import Console
@@ -268,6 +315,7 @@ def eval_(
     from nrt_mlx.rundir import find_adapters
     from nrt_mlx.vocab import Vocabulary
 
+    check_out_file(out, "--out")  # before the evaluation, whose results it would lose
     source = find_adapters(adapter) if adapter else None
     recipe = source.recipe if source else None
     # The run's data section: same field names and system prompt as in training.
@@ -282,7 +330,7 @@ def eval_(
         marker=marker,
         generate=not no_generate,
     )
-    loaded = load_for_eval(model, source)
+    loaded = load_for_eval(model, source, trust_remote_code=trust_remote_code)
     vocab = Vocabulary.of(loaded.tokenizer, cfg.rollout.marker)
     report = evaluate(loaded.model, vocab, dataset.examples, cfg)
     path = report.to_json(out)
@@ -312,6 +360,7 @@ def score(
         None, "--marker", help="Answer marker (default: the run's, else auto)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Per answer token: c_i, b_i and the weighted-sum weights; every aggregator's trace reward."""
     from dataclasses import replace
@@ -324,7 +373,7 @@ def score(
     if samples < 1:
         fail("--samples must be at least 1")
     source = find_adapters(adapter) if adapter else None
-    loaded = load_for_eval(model, source)
+    loaded = load_for_eval(model, source, trust_remote_code=trust_remote_code)
     rollout = run_rollout(source)
     given = {"samples": samples, "max_think_tokens": max_think, "marker": marker}
     rollout = replace(rollout, **{k: v for k, v in given.items() if v is not None})

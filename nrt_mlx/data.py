@@ -9,14 +9,18 @@ Accepted records (field names configurable in the recipe's ``data`` section):
 
 An optional ``options`` list (multiple choice) is kept for evaluation. Malformed lines and empty
 answers are skipped and reported with their line numbers, or are errors with ``data.strict``.
+Files are UTF-8 (a leading byte-order mark is accepted); any other byte is an error naming the
+line, never a replacement character trained on.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from nrt_mlx.errors import NrtError
 from nrt_mlx.recipe import DataConfig
@@ -123,8 +127,9 @@ def load_jsonl(path: str | Path, cfg: DataConfig, key: str = "data.train") -> Da
         raise NrtError(f"{key}: file not found: {p}")
     examples: list[Example] = []
     skipped: list[tuple[int, str]] = []
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for n, raw in enumerate(f, start=1):
+    with open(p, "rb") as f:
+        for n, line in enumerate(_lines(f), start=1):
+            raw = _decode(line, p, n)
             if not raw.strip():
                 continue
             try:
@@ -145,6 +150,26 @@ def load_jsonl(path: str | Path, cfg: DataConfig, key: str = "data.train") -> Da
         )
         raise NrtError(f"{p}: no usable question/answer record{why}")
     return Dataset(str(p), examples, skipped)
+
+
+def _lines(f: BinaryIO) -> Iterator[bytes]:
+    """The lines of a binary file as text mode splits them (at \\n, \\r\\n or \\r), undecoded."""
+    for chunk in f:
+        body = chunk[:-2] if chunk.endswith(b"\r\n") else chunk.rstrip(b"\n")
+        yield from body.split(b"\r")
+
+
+def _decode(line: bytes, path: Path, n: int) -> str:
+    """One line as text: UTF-8 (a byte-order mark on line 1 is dropped), else a one-line error."""
+    if n == 1 and line.startswith(codecs.BOM_UTF8):
+        line = line[len(codecs.BOM_UTF8) :]
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise NrtError(
+            f"{path}:{n}: not UTF-8 text (byte 0x{line[err.start]:02x} at byte {err.start + 1} "
+            "of the line); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def drop_long(

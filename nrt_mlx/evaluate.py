@@ -387,15 +387,19 @@ def evaluate(
 # ---- a base model with a run's adapters (eval, score) ----------------------------------------------
 
 
-def load_for_eval(model_path: str | None, source: AdapterSource | None = None) -> Any:
+def load_for_eval(
+    model_path: str | None, source: AdapterSource | None = None, trust_remote_code: bool = False
+) -> Any:
     """Load the base model (``model_path``, else the run's model.path) with the adapters of
     ``source`` applied; returns the ``LoadedModel``.
 
     With adapters, the base loads as their run did (same quantization), and every adapter weight
-    must be in the file (``model.apply_adapters``).
+    must be in the file (``model.apply_adapters``). ``trust_remote_code`` (the command line's
+    --trust-remote-code) alone lets the model run its Hub code: a run's recipe.yaml asking for it
+    is refused without the flag (``recipe.with_remote_code``).
     """
     from nrt_mlx.model import apply_adapters, load_model, load_trained_base
-    from nrt_mlx.recipe import ModelConfig
+    from nrt_mlx.recipe import ModelConfig, with_remote_code
 
     path = model_path or (source.base_model if source else "")
     if not path:
@@ -403,10 +407,13 @@ def load_for_eval(model_path: str | None, source: AdapterSource | None = None) -
             "missing --model: the base model directory (or an --adapter run whose recipe names it)"
         )
     if source is None:
-        loaded = load_model(ModelConfig(path=path))
+        loaded = load_model(ModelConfig(path=path, trust_remote_code=trust_remote_code))
         loaded.model.eval()
         return loaded
     cfg = source.recipe.model if source.recipe is not None else ModelConfig(quantize="none")
+    cfg = with_remote_code(
+        cfg, trust_remote_code, f"recipe.yaml of the run of {source.adapter_dir}"
+    )
     loaded = load_trained_base(replace(cfg, path=path), source.adapter_config)
     apply_adapters(loaded.model, source.adapter_dir)
     return loaded

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from nrt_mlx.errors import NrtError
 from nrt_mlx.evaluate import EvalReport
-from nrt_mlx.recipe import load_recipe
+from nrt_mlx.recipe import Recipe, load_recipe
+from nrt_mlx.rundir import RunDir
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
 
@@ -32,9 +33,7 @@ def run_quickstart(
     eval_questions: int = 12,
 ) -> Path:
     """Train the quickstart recipe on the default model; returns the run directory."""
-    from nrt_mlx.evaluate import eval_config, evaluate
     from nrt_mlx.export.default_model import default_model_dir
-    from nrt_mlx.trainer import run_training, start_run
 
     path = Path(recipe_path) if recipe_path else DEFAULT_RECIPE
     if not path.exists():
@@ -49,6 +48,15 @@ def run_quickstart(
         )
         recipe.model.path = str(default_model_dir())
     recipe.run.dir = str(_fresh_run_dir(Path(recipe.run.dir)))
+    with RunDir(Path(recipe.run.dir)).claim():  # held for the whole run, as `train` does
+        return _train_and_report(recipe, quiet, eval_questions)
+
+
+def _train_and_report(recipe: Recipe, quiet: bool, eval_questions: int) -> Path:
+    """Evaluate the held-out split, train, evaluate again, print the figures and a few traces."""
+    from nrt_mlx.evaluate import eval_config, evaluate
+    from nrt_mlx.trainer import run_training, start_run
+
     session = start_run(recipe)
     print(session.data_report, flush=True)
     held_out = [e.example for e in (session.valid or session.train)]

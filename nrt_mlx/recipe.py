@@ -120,8 +120,10 @@ class RunConfig:
     dir: str = "runs/nrt"
     save_every: int = 50
     keep_checkpoints: int = 3
-    samples_every: int = 10
+    samples_every: int = 10  # 0: never
     log_every: int = 1
+    # Written by ``train --resume --set``: {from_step, key, value, was} per accepted override.
+    overrides: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -169,7 +171,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise NrtError(f"{where}: expected null, got {value!r}")
     if origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            try:
+                value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            except yaml.YAMLError:
+                raise NrtError(
+                    f"{where}: {value!r} is not a valid list; write it as [a, b] or a,b"
+                ) from None
         if not isinstance(value, list):
             raise NrtError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
@@ -257,7 +264,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "-
             raise NrtError(
                 f"{source} {item!r}: unknown section '{section}', {_closest(section, list(sections))}"
             )
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict):  # no key takes a mapping: "Answer:" is the text as given
+            value = raw
         data.setdefault(section, {})
         if data[section] is None:
             data[section] = {}
@@ -271,54 +283,163 @@ SAVED_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# ---- resuming with --set ------------------------------------------------------------------------
+
+_WEIGHTS = "the checkpoint's adapter weights have this layout"
+# Keys a resumed run cannot change: they fix the shape or the meaning of what the run saved.
+# Every other key may change; the change is recorded in run.overrides with its first step.
+RESUME_FIXED: dict[str, str] = {
+    "model.path": "the adapters were trained on this base",
+    "model.quantize": "the adapters were trained on the base at this precision",
+    "model.group_size": "the adapters were trained on the base quantized with this group size",
+    "model.trust_remote_code": "only the --trust-remote-code flag sets it",
+    "lora.type": _WEIGHTS,
+    "lora.layers": _WEIGHTS,
+    "lora.rank": _WEIGHTS,
+    "lora.keys": _WEIGHTS,
+    "lora.scale": "it multiplies the saved adapter weights, so another value is another model",
+    "rollout.marker": "the checkpoint trained this answer marker",
+    "rollout.marker_rows": "the checkpoint holds (or lacks) trained rows of the marker",
+    "train.method": "the checkpoint, its adapter_config.json and the metrics belong to one method",
+    "objective.aggregator": (
+        "adapter_config.json, the model card and compare name the run by it, and rewards before "
+        "and after would be on different scales"
+    ),
+    "train.mini_batches": (
+        "the checkpoint counts optimizer updates as steps x mini_batches x updates_per_rollout, "
+        "so the learning-rate schedule would jump"
+    ),
+    "train.updates_per_rollout": (
+        "the checkpoint counts optimizer updates as steps x mini_batches x updates_per_rollout, "
+        "so the learning-rate schedule would jump"
+    ),
+    "run.dir": "a resumed run stays in its directory (copy the directory to continue elsewhere)",
+    "run.overrides": "resume writes it",
+}
+
+
+def flat_keys(recipe: Recipe) -> dict[str, Any]:
+    """``section.key -> value`` of every key but run.overrides (the record of changes itself)."""
+    out = {
+        f"{section}.{key}": value
+        for section, values in recipe.to_dict().items()
+        for key, value in values.items()
+    }
+    out.pop("run.overrides")
+    return out
+
+
+def resume_overrides(saved: Recipe, changed: Recipe, from_step: int) -> list[dict[str, Any]]:
+    """The run.overrides entries of resuming ``saved`` as ``changed`` from step ``from_step``.
+
+    A change to a key of ``RESUME_FIXED`` is an error naming the key and why it is fixed.
+    """
+    before, after = flat_keys(saved), flat_keys(changed)
+    entries = []
+    for key, value in after.items():
+        if value == before[key]:
+            continue
+        if key in RESUME_FIXED:
+            raise NrtError(
+                f"--set {key}: cannot change when resuming ({before[key]!r} -> {value!r}): "
+                f"{RESUME_FIXED[key]}; start a new run to change it"
+            )
+        entries.append({"from_step": from_step, "key": key, "value": value, "was": before[key]})
+    return entries
+
+
+def with_remote_code(cfg: ModelConfig, allowed: bool, source: str) -> ModelConfig:
+    """``cfg`` with trust_remote_code set by the command line (``--trust-remote-code``) alone.
+
+    A recipe (the user's own or a saved run's) that asks for the model's own code from the Hub
+    without the flag is refused: a recipe file can come from anyone, and running the code it asks
+    for must be the decision of the user who runs the command.
+    """
+    if cfg.trust_remote_code and not allowed:
+        raise NrtError(
+            f"{source}: model.trust_remote_code is true, but only the --trust-remote-code flag "
+            f"lets a model run its own code from the Hub; add the flag if you trust {cfg.path or 'it'}"
+        )
+    return dataclasses.replace(cfg, trust_remote_code=allowed)
+
+
 def load_recipe(
     path: str | Path, overrides: list[str] | None = None, saved_run: bool = False
 ) -> Recipe:
     """Read a YAML recipe, apply overrides and validate. Errors name the file and key.
 
     ``saved_run``: the file is a run's resolved recipe; keys it lacks take ``SAVED_RUN_DEFAULTS``.
+    Local paths (data.train, data.valid, and model.path when it is a local directory) come back
+    absolute: see ``_absolute_paths``.
     """
     path = Path(path)
     if not path.exists():
         raise NrtError(f"{path}: recipe file not found")
+    if path.is_dir():
+        hint = (
+            f"; it is a run directory: continue it with 'nrt-mlx train --resume {path}'"
+            if (path / "recipe.yaml").is_file()
+            else ""
+        )
+        raise NrtError(f"{path}: is a directory, not a recipe file (give the YAML file){hint}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise NrtError(
             f"{path}:{line} is not valid YAML ({getattr(err, 'problem', err)})"
         ) from None
+    except UnicodeDecodeError:
+        raise NrtError(f"{path}: not a text file (not UTF-8); give a YAML recipe") from None
+    except OSError as err:
+        raise NrtError(f"{path}: cannot read it ({err.strerror})") from None
     if not isinstance(data, dict):
         raise NrtError(f"{path}: expected a mapping of sections (model:, data:, ...)")
     if saved_run:
         for section, values in SAVED_RUN_DEFAULTS.items():
             given = data.get(section) or {}
             data[section] = {**values, **given} if isinstance(given, dict) else given
-    apply_overrides(data, overrides or [])
+    overrides = overrides or []
+    apply_overrides(data, overrides)
     recipe = recipe_from_dict(data, str(path))
-    base = path.parent
-    # Relative data paths are relative to the recipe file, like mlx-lm's config files.
-    for attr in ("train", "valid"):
-        value = getattr(recipe.data, attr)
-        if value and not Path(value).is_absolute() and (base / value).exists():
-            setattr(recipe.data, attr, str((base / value).resolve()))
-    if (
-        recipe.model.path
-        and not Path(recipe.model.path).is_absolute()
-        and (base / recipe.model.path).exists()
-    ):
-        recipe.model.path = str((base / recipe.model.path).resolve())
+    from_command_line = {item.split("=", 1)[0].strip() for item in overrides}
+    _absolute_paths(recipe, path.parent, from_command_line)
     return recipe
 
 
+def _absolute_paths(recipe: Recipe, base: Path, from_command_line: set[str]) -> None:
+    """Make local paths absolute, so that a run's recipe.yaml means the same files from any folder.
+
+    A relative path in a recipe file is relative to the file's folder when it exists there (like
+    mlx-lm's config files), else to the working folder; one given with ``--set`` is relative to the
+    working folder. ``~`` is expanded. A path that exists in neither place is left as given: a Hub
+    repo id (model.path), or a data file the loader then reports as missing.
+    """
+    for section, key in (("data", "train"), ("data", "valid"), ("model", "path")):
+        cfg = getattr(recipe, section)
+        value = getattr(cfg, key)
+        if not value:
+            continue
+        given = Path(value).expanduser()
+        bases = [Path.cwd()] if f"{section}.{key}" in from_command_line else [base, Path.cwd()]
+        for folder in bases:
+            candidate = given if given.is_absolute() else folder / given
+            if candidate.exists():
+                setattr(cfg, key, str(candidate.resolve()))
+                break
+
+
 def validate(recipe: Recipe, source: str = "recipe") -> None:
-    """Value checks that types cannot express."""
+    """Value checks that types cannot express: every key with a range, one line naming it."""
     from nrt_mlx.objective import AGGREGATORS
 
     q = recipe.model.quantize
-    if q not in ("auto", "none", 4, 8, 2, 3, 5, 6):
-        raise NrtError(f"{source}: model.quantize must be auto, none, 4 or 8, got {q!r}")
+    if q not in ("auto", "none", *QUANTIZE_BITS):
+        raise NrtError(
+            f"{source}: model.quantize must be auto, none or a bit width "
+            f"({', '.join(map(str, QUANTIZE_BITS))}), got {q!r}"
+        )
     if recipe.objective.aggregator not in AGGREGATORS:
         raise NrtError(
             f"{source}: objective.aggregator '{recipe.objective.aggregator}' is unknown, "
@@ -327,29 +448,104 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     problem = rollout_problem(recipe.rollout, "rollout.")
     if problem:
         raise NrtError(f"{source}: {problem}")
-    checks = [
-        (recipe.train.steps >= 1, "train.steps must be at least 1"),
-        (recipe.train.questions_per_step >= 1, "train.questions_per_step must be at least 1"),
-        (recipe.train.updates_per_rollout >= 1, "train.updates_per_rollout must be at least 1"),
-        (recipe.train.mini_batches >= 1, "train.mini_batches must be at least 1"),
-        (
-            recipe.train.mini_batches <= recipe.train.questions_per_step,
-            f"train.mini_batches ({recipe.train.mini_batches}) exceeds train.questions_per_step "
-            f"({recipe.train.questions_per_step}): a mini-batch needs at least one question",
-        ),
-        (recipe.lora.layers >= 1 or recipe.lora.layers == -1, "lora.layers must be >= 1 (-1: all)"),
-        (recipe.lora.rank >= 1, "lora.rank must be at least 1"),
-        (recipe.optimizer.learning_rate > 0, "optimizer.learning_rate must be > 0"),
-        (
-            recipe.objective.normalizer == "released" or recipe.objective.normalizer >= 0,
-            "objective.normalizer must be >= 0 (0: max_think_tokens + max_answer_tokens) or released",
-        ),
-        (len(recipe.optimizer.betas) == 2, "optimizer.betas must be a list of two numbers"),
-        (0 <= recipe.optimizer.warmup_ratio < 1, "optimizer.warmup_ratio must be in [0, 1)"),
-    ]
-    for ok, message in checks:
+    if len(recipe.optimizer.betas) != 2:
+        raise NrtError(
+            f"{source}: optimizer.betas must be a list of two numbers, got {recipe.optimizer.betas}"
+        )
+    for key, value, ok, allowed in _ranges(recipe):
         if not ok:
-            raise NrtError(f"{source}: {message}")
+            raise NrtError(f"{source}: {key} must be {allowed}, got {value!r}")
+    t = recipe.train
+    if t.mini_batches > t.questions_per_step:
+        raise NrtError(
+            f"{source}: train.mini_batches ({t.mini_batches}) exceeds train.questions_per_step "
+            f"({t.questions_per_step}): a mini-batch needs at least one question"
+        )
+    if recipe.lora.keys is not None and not recipe.lora.keys:
+        raise NrtError(
+            f"{source}: lora.keys is an empty list; give module names, or null for every linear layer"
+        )
+    for i, entry in enumerate(recipe.run.overrides):
+        if not (isinstance(entry, dict) and isinstance(entry.get("from_step"), int)):
+            raise NrtError(
+                f"{source}: run.overrides[{i}] must be a mapping with from_step, key, value and "
+                "was (resume writes it; remove the entry)"
+            )
+
+
+QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)  # the bit widths mx.quantize supports
+GROUP_SIZES = (32, 64, 128)  # the group sizes mx.quantize supports
+MAX_SEED = 2**32  # seed x 1_000_003 + step must fit mx.random.seed's 64 bits
+
+
+def _ranges(r: Recipe) -> list[tuple[str, Any, bool, str]]:
+    """(key, value, within range, the allowed range) of every key with a range."""
+    d, lo, o, ob, t, run = r.data, r.lora, r.objective, r.optimizer, r.train, r.run
+    at_least_1, at_least_0 = "at least 1", ">= 0"
+    out = [
+        ("data.max_prompt_tokens", d.max_prompt_tokens, d.max_prompt_tokens >= 1, at_least_1),
+        ("data.max_answer_tokens", d.max_answer_tokens, d.max_answer_tokens >= 1, at_least_1),
+        ("lora.layers", lo.layers, lo.layers >= 1 or lo.layers == -1, "at least 1 (-1: all)"),
+        ("lora.rank", lo.rank, lo.rank >= 1, at_least_1),
+        ("lora.scale", lo.scale, lo.scale > 0, "> 0"),
+        ("lora.dropout", lo.dropout, 0 <= lo.dropout < 1, "in [0, 1)"),
+        ("objective.trace_coef", o.trace_coef, o.trace_coef >= 0, at_least_0),
+        ("objective.token_coef", o.token_coef, o.token_coef >= 0, at_least_0),
+        ("objective.format_coef", o.format_coef, o.format_coef >= 0, at_least_0),
+        (
+            "objective.normalizer",
+            o.normalizer,
+            o.normalizer == "released" or o.normalizer >= 0,
+            ">= 0 (0: max_think_tokens + max_answer_tokens) or released",
+        ),
+        ("objective.clip_ratio_low", o.clip_ratio_low, 0 <= o.clip_ratio_low <= 1, "in [0, 1]"),
+        ("objective.clip_ratio_high", o.clip_ratio_high, o.clip_ratio_high >= 0, at_least_0),
+        ("optimizer.learning_rate", ob.learning_rate, ob.learning_rate > 0, "> 0"),
+        ("optimizer.eps", ob.eps, ob.eps > 0, "> 0"),
+        ("optimizer.weight_decay", ob.weight_decay, ob.weight_decay >= 0, at_least_0),
+        ("optimizer.warmup_ratio", ob.warmup_ratio, 0 <= ob.warmup_ratio < 1, "in [0, 1)"),
+        ("optimizer.min_lr_ratio", ob.min_lr_ratio, 0 <= ob.min_lr_ratio <= 1, "in [0, 1]"),
+        ("optimizer.grad_clip", ob.grad_clip, ob.grad_clip >= 0, ">= 0 (0: off)"),
+        ("train.steps", t.steps, t.steps >= 1, at_least_1),
+        ("train.questions_per_step", t.questions_per_step, t.questions_per_step >= 1, at_least_1),
+        (
+            "train.micro_batch_questions",
+            t.micro_batch_questions,
+            t.micro_batch_questions >= 0,
+            ">= 0 (0: the whole mini-batch)",
+        ),
+        ("train.mini_batches", t.mini_batches, t.mini_batches >= 1, at_least_1),
+        (
+            "train.updates_per_rollout",
+            t.updates_per_rollout,
+            t.updates_per_rollout >= 1,
+            at_least_1,
+        ),
+        ("train.seed", t.seed, 0 <= t.seed < MAX_SEED, f"in [0, {MAX_SEED})"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0: never)"),
+        ("train.eval_questions", t.eval_questions, t.eval_questions >= 1, at_least_1),
+        ("train.eval_samples", t.eval_samples, t.eval_samples >= 1, at_least_1),
+        ("train.collapse_fraction", t.collapse_fraction, 0 < t.collapse_fraction < 1, "in (0, 1)"),
+        ("run.dir", run.dir, bool(run.dir.strip()), "a directory path, not empty"),
+        ("run.save_every", run.save_every, run.save_every >= 1, at_least_1),
+        ("run.keep_checkpoints", run.keep_checkpoints, run.keep_checkpoints >= 0, ">= 0 (0: all)"),
+        ("run.samples_every", run.samples_every, run.samples_every >= 0, ">= 0 (0: never)"),
+        ("run.log_every", run.log_every, run.log_every >= 1, at_least_1),
+    ]
+    out += [(f"optimizer.betas[{i}]", b, 0 <= b < 1, "in [0, 1)") for i, b in enumerate(ob.betas)]
+    if r.model.quantize != "none":  # auto quantizes on Metal and CUDA
+        size = r.model.group_size
+        out.append(("model.group_size", size, size in GROUP_SIZES, "32, 64 or 128 when quantizing"))
+    for key in (
+        "question_field",
+        "answer_field",
+        "prompt_field",
+        "completion_field",
+        "messages_field",
+    ):
+        value = getattr(d, key)
+        out.append((f"data.{key}", value, bool(value), "a field name, not empty"))
+    return out
 
 
 def rollout_problem(r: RolloutConfig, prefix: str) -> str | None:

@@ -21,8 +21,11 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +52,7 @@ from nrt_mlx.objective import (
     sft_loss,
 )
 from nrt_mlx.progress import Reporter
-from nrt_mlx.recipe import Recipe, save_recipe
+from nrt_mlx.recipe import Recipe, resume_overrides, save_recipe, with_remote_code
 from nrt_mlx.rollout import RolloutStats, Trace, sample_traces
 from nrt_mlx.rundir import RunDir
 from nrt_mlx.stats import trace_stats
@@ -162,8 +165,33 @@ def step_key(seed: int, step: int) -> tuple[mx.array, int]:
     return mx.random.key(seed * 7_919 + step), seed * 1_000_003 + step
 
 
-def prepare(recipe: Recipe, resume: bool = False) -> Session:
-    """Load data, model and adapters, and create the optimizer and run directory."""
+def warn(message: str) -> None:
+    """A one-line warning on stderr, shown with --quiet too."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_training(recipe: Recipe) -> None:
+    """Refuse a recipe that loads but cannot train as it asks (before anything is loaded)."""
+    r = recipe
+    if r.train.method == "nrt" and r.rollout.samples == 1 and r.objective.trace_coef > 0:
+        raise NrtError(
+            "rollout.samples is 1: group normalisation of a single trace makes the trace term "
+            "exactly 0 every step, so NRT cannot learn to reason; use 2 or more (or "
+            "train.method: sft for the baseline)"
+        )
+    if r.train.eval_every and not r.data.valid:
+        raise NrtError(
+            f"train.eval_every is {r.train.eval_every} but data.valid is empty, so the run would "
+            "never evaluate; set data.valid to a JSONL file, or train.eval_every to 0"
+        )
+
+
+def prepare(recipe: Recipe, resume: bool = False, trust_remote_code: bool = False) -> Session:
+    """Load data, model and adapters, and create the optimizer and run directory.
+
+    ``trust_remote_code``: the command line's --trust-remote-code; the recipe's own value is never
+    enough (``recipe.with_remote_code``).
+    """
     run = RunDir(Path(recipe.run.dir))
     if not resume and (
         run.latest_checkpoint() is not None or (run.metrics.exists() and run.metrics.stat().st_size)
@@ -172,6 +200,8 @@ def prepare(recipe: Recipe, resume: bool = False) -> Session:
             f"run.dir {run.root} already holds a run: continue it with "
             f"'nrt-mlx train --resume {run.root}', or set run.dir to a new directory"
         )
+    check_training(recipe)
+    recipe.model = with_remote_code(recipe.model, trust_remote_code, "recipe")
     train_data = load_jsonl(recipe.data.train, recipe.data, "data.train")
     valid_data = (
         load_jsonl(recipe.data.valid, recipe.data, "data.valid") if recipe.data.valid else None
@@ -187,6 +217,11 @@ def prepare(recipe: Recipe, resume: bool = False) -> Session:
     rows = marker.setup(loaded.model, vocab, recipe.rollout.marker_rows) if nrt else False
     train = encode_dataset(train_data, vocab, recipe)
     valid = encode_dataset(valid_data, vocab, recipe) if valid_data else []
+    if recipe.train.questions_per_step > len(train):
+        warn(
+            f"train.questions_per_step ({recipe.train.questions_per_step}) is more than the "
+            f"{len(train)} usable examples of data.train: questions repeat within a step"
+        )
     # Record what was actually used: the resolved quantization.
     recipe.model.quantize = loaded.bits if loaded.bits is not None else "none"
     d, m = recipe.data, vocab.marker
@@ -502,41 +537,144 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
                     f"checkpoint {session.run.checkpoint_dir(step)}"
                 )
                 break
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(session.run, r.model.trust_remote_code)) from None
     finally:
         reporter.close()
     return session.run.root
 
 
-def start_run(recipe: Recipe) -> Session:
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while training; the message says where the last checkpoint is and how to go on."""
+
+
+def interrupted_message(
+    run: RunDir, trust_remote_code: bool, overrides: list[str] | None = None
+) -> str:
+    """One line: the run's last checkpoint and the command that continues it."""
+    words = ["nrt-mlx", "train", "--resume", str(run.root)]
+    words += [w for item in overrides or [] for w in ("--set", item)]
+    words += ["--trust-remote-code"] if trust_remote_code else []
+    command = " ".join(shlex.quote(w) for w in words)
+    step = run.latest_checkpoint()
+    if step is None:
+        return f"interrupted before the first checkpoint; start the run again with: {command}"
+    return (
+        f"interrupted; the last checkpoint is {run.checkpoint_dir(step)} (step {step}); "
+        f"continue with: {command}"
+    )
+
+
+def start_run(recipe: Recipe, trust_remote_code: bool = False) -> Session:
     """Prepare a new run and write its run directory's resolved recipe."""
-    session = prepare(recipe)
+    recipe.run.overrides = []  # a record of another run's resumes (e.g. a model card's recipe)
+    session = prepare(recipe, trust_remote_code=trust_remote_code)
     session.run.root.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, session.run.recipe)
     return session
 
 
-def train(recipe: Recipe, quiet: bool = False) -> Path:
+def train(recipe: Recipe, quiet: bool = False, trust_remote_code: bool = False) -> Path:
     """Start a new run as the recipe says; returns the run directory."""
-    session = start_run(recipe)
-    if not quiet:
-        print(session.data_report)
-    return run_training(session, 0, quiet)
+    check_training(recipe)  # refusals before the run directory is created
+    recipe.model = with_remote_code(recipe.model, trust_remote_code, "recipe")
+    # One process per run directory, and never over files nrt-mlx did not write (rundir.claim).
+    with RunDir(Path(recipe.run.dir)).claim():
+        try:
+            session = start_run(recipe, trust_remote_code)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                "interrupted before training started: nothing to resume; run the same command again"
+            ) from None
+        # Even with --quiet: skipped records are never silent.
+        print(session.data_report, flush=True)
+        return run_training(session, 0, quiet)
 
 
-def resume(run_dir: str | Path, quiet: bool = False, overrides: list[str] | None = None) -> Path:
-    """Continue a run from its latest checkpoint, with the recipe it was started with."""
+def resume(
+    run_dir: str | Path,
+    quiet: bool = False,
+    overrides: list[str] | None = None,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Continue a run from its latest checkpoint (from the start when it has none yet), with the
+    recipe it was started with.
+
+    ``overrides`` (``--set``) may change any key but those of ``recipe.RESUME_FIXED``; accepted
+    changes go into the run's recipe.yaml, listed in run.overrides with the first step they apply
+    to. The learning-rate schedule is recomputed for the new recipe (see recipes/reference.yaml).
+    A refused override, or any error before training starts, leaves the run directory untouched.
+    """
     run = RunDir(Path(run_dir)).check()
-    step = run.latest_checkpoint()
-    if step is None:
+    # Refusals first, before the lock and the recovery touch anything.
+    _resume_recipes(run, run.latest_checkpoint() or 0, overrides, trust_remote_code)
+    with run.lock():  # one process per run directory, released however the process ends
+        return _resume_locked(run, quiet, overrides, trust_remote_code)
+
+
+def _resume_recipes(
+    run: RunDir, step: int, overrides: list[str] | None, trust_remote_code: bool
+) -> tuple[Recipe, Recipe, list[dict]]:
+    """(saved recipe, recipe to resume with, its run.overrides entries) of resuming from ``step``;
+    a refused override or a missing --trust-remote-code is a one-line error."""
+    saved = run.read_recipe()
+    recipe = run.read_recipe(overrides) if overrides else copy.deepcopy(saved)
+    entries = resume_overrides(saved, recipe, step + 1)
+    if recipe.train.steps < step:
         raise NrtError(
-            f"{run_dir}: no checkpoint to resume from; start it again with 'nrt-mlx train'"
+            f"--set train.steps={recipe.train.steps}: the run is already at step {step}; "
+            f"give a number above {step}"
         )
-    recipe = run.read_recipe(overrides)
+    check_training(recipe)
+    recipe.model = with_remote_code(recipe.model, trust_remote_code, str(run.recipe))
     recipe.run.dir = str(run.root)
-    session = prepare(recipe, resume=True)
-    state = run.load_checkpoint(step, session.loaded.model, session.optimizer)
-    session.position = state["position"]
-    run.truncate_logs(step)
+    return saved, recipe, entries
+
+
+def _resume_locked(
+    run: RunDir, quiet: bool, overrides: list[str] | None, trust_remote_code: bool
+) -> Path:
+    step = run.recover()  # the newest intact checkpoint (0: none yet), damaged ones warned of
+    saved, recipe, entries = _resume_recipes(run, step, overrides, trust_remote_code)
+    try:
+        session = prepare(recipe, resume=True, trust_remote_code=trust_remote_code)
+        if step:
+            state = run.load_checkpoint(step, session.loaded.model, session.optimizer)
+            session.position = state["position"]
+    except KeyboardInterrupt:
+        message = interrupted_message(run, trust_remote_code, overrides or [])
+        raise Interrupted(message) from None
+    if entries:
+        earlier = [{**e, "from_step": min(e["from_step"], step + 1)} for e in saved.run.overrides]
+        recipe.run.overrides = earlier + entries
+        save_recipe(recipe, run.recipe)
+        changes = ", ".join(f"{e['key']} {e['was']!r} -> {e['value']!r}" for e in entries)
+        print(
+            f"resuming at step {step + 1} with {changes} (recorded in {run.recipe})",
+            file=sys.stderr,
+        )
+        if step:
+            _reschedule(session, saved)
+    run.rewind(step)  # adapters/ and the logs as of the checkpoint; damaged newer ones moved
     if step >= recipe.train.steps:
+        print(
+            f"{run.root} is at step {step} of {recipe.train.steps}: nothing to train "
+            "(extend it with --set train.steps=N)",
+            file=sys.stderr,
+        )
         return run.root
     return run_training(session, step, quiet)
+
+
+def _reschedule(session: Session, saved: Recipe) -> None:
+    """After a resume that changed the recipe: the rate of the next update from the recomputed
+    schedule (the checkpoint holds the old schedule's), and a warning when the two differ."""
+    update = session.optimizer.step
+    new = float(lr_schedule(session.recipe)(update))
+    old = float(lr_schedule(saved)(update))
+    session.optimizer.learning_rate = lr_schedule(session.recipe)(update)
+    if not math.isclose(new, old, rel_tol=1e-6):
+        warn(
+            f"the learning-rate schedule is recomputed for the resumed recipe: the next update's "
+            f"rate is {new:.3g} (the old schedule's was {old:.3g})"
+        )

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import regex
+from filetree import MANIFEST, manifest_files, modes, snapshot, umask
 
 from nrt_mlx.errors import NrtError
 from nrt_mlx.export.convert import convert_gguf
@@ -687,7 +688,7 @@ def test_conversion_is_atomic(
     import nrt_mlx.export.convert as convert
 
     out = convert.convert_gguf(tiny_gguf, tmp_path / "model")  # an earlier conversion
-    (out / "keep.txt").write_text("old")
+    before = snapshot(out)
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
@@ -696,7 +697,7 @@ def test_conversion_is_atomic(
     with pytest.raises(OSError):
         convert.convert_gguf(tiny_gguf, out)
     assert [p.name for p in tmp_path.iterdir() if p.name != "tiny.gguf"] == ["model"]
-    assert (out / "keep.txt").read_text() == "old"
+    assert snapshot(out) == before
 
 
 def test_cli_convert_prints_the_output_dir(tiny_gguf: Path, tmp_path: Path) -> None:
@@ -760,7 +761,7 @@ def _missing(d: Path) -> Path:
 BAD_INPUTS = {
     "not_gguf": (_bad_not_gguf, r"not a GGUF file \(starts with b'<htm'"),
     "empty": (_bad_empty, r"not a GGUF file"),
-    "truncated_header": (_bad_truncated_header, r"truncated GGUF file"),
+    "truncated_header": (_bad_truncated_header, r"truncated (or corrupt )?GGUF file"),
     "truncated_data": (_bad_truncated_data, r"truncated GGUF file \(tensor data needs"),
     "tensor_type": (_bad_tensor_type, r"tensor 'blk\.0\.attn_q\.weight' has type Q4_K"),
     "architecture": (_bad_architecture, r"architecture 'qwen2' is not supported"),
@@ -943,14 +944,307 @@ def test_sentencepiece_vocabulary(tmp_path: Path) -> None:
     assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is True
 
 
+# ================================================================================================
+# The output directory: replace only our own earlier output, never a user's file
+# ================================================================================================
+
+
+def _cli_error(*args: str) -> str:
+    """The output of a failing ``nrt-mlx`` command run in-process (it must exit with status 2)."""
+    from typer.testing import CliRunner
+
+    from nrt_mlx.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 2, result.output
+    return result.output
+
+
+def test_convert_writes_a_manifest_of_every_file(tiny_gguf: Path, tmp_path: Path) -> None:
+    out = convert_gguf(tiny_gguf, tmp_path / "out")
+    listed = manifest_files(out)
+    on_disk = {p.name for p in out.iterdir()} - {MANIFEST}
+    assert set(listed) == on_disk
+    assert listed["model.safetensors"] == "weights"
+    assert listed["model.safetensors.index.json"] == "weights-index"
+    assert listed["config.json"] == "config"
+    assert listed["tokenizer.json"] == listed["special_tokens_map.json"] == "tokenizer"
+    assert json.loads((out / MANIFEST).read_text())["command"] == "convert"
+
+
 def test_convert_never_replaces_a_foreign_directory(tiny_gguf: Path, tmp_path: Path) -> None:
     """A non-empty OUT_DIR that is not an earlier conversion is refused and left untouched."""
-    path = tiny_gguf
     mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("my work")
-    with pytest.raises(NrtError, match="not a model converted by nrt-mlx"):
-        convert_gguf(path, mine)
-    assert (mine / "notes.txt").read_text() == "my work"
-    out = convert_gguf(path, tmp_path / "out")
-    assert convert_gguf(path, out) == out  # an earlier conversion may be replaced
+    (mine / "data").mkdir(parents=True)
+    for name in ("notes.txt", "b.txt", "config.json", "data/x.csv"):
+        (mine / name).write_text(f"my {name}")
+    before = snapshot(mine)
+    with pytest.raises(NrtError) as err:
+        convert_gguf(tiny_gguf, mine)
+    assert str(err.value) == (
+        f"{mine}: exists and is not a model converted by nrt-mlx "
+        "(it holds b.txt, config.json, notes.txt and more); choose a new directory or empty it"
+    )
+    assert _cli_error("convert", str(tiny_gguf), str(mine)) == f"error: {err.value}\n"
+    assert snapshot(mine) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "tiny.gguf"]  # no temporary
+
+
+def test_convert_refuses_user_files_beside_an_earlier_conversion(
+    tiny_gguf: Path, tmp_path: Path
+) -> None:
+    out = convert_gguf(tiny_gguf, tmp_path / "out")
+    (out / "notes.txt").write_text("my notes")
+    (out / "eval").mkdir()
+    (out / "eval" / "report.json").write_text("{}")
+    (out / "empty").mkdir()
+    before = snapshot(out)
+    with pytest.raises(NrtError) as err:
+        convert_gguf(tiny_gguf, out, dequantize=True)
+    assert str(err.value) == (
+        f"{out}: holds files that are not part of a model converted by nrt-mlx "
+        "(notes.txt, empty/, eval/report.json); move them elsewhere or choose another output "
+        "directory"
+    )
+    assert _cli_error("convert", str(tiny_gguf), str(out)) == f"error: {err.value}\n"
+    assert snapshot(out) == before
+    # Once the user's files are moved out, the earlier conversion is replaced.
+    for name in ("notes.txt", "eval/report.json"):
+        (out / name).unlink()
+    (out / "eval").rmdir()
+    (out / "empty").rmdir()
+    assert convert_gguf(tiny_gguf, out, dequantize=True) == out
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+
+
+def test_an_earlier_conversion_is_replaced_whole(tiny_gguf: Path, tmp_path: Path) -> None:
+    out = convert_gguf(tiny_gguf, tmp_path / "out")
+    # An earlier, larger conversion wrote two shards: the manifest lists them, so they go too.
+    manifest = json.loads((out / MANIFEST).read_text())
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (out / name).write_bytes(b"old shard")
+        manifest["files"].append({"path": name, "kind": "weights"})
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    assert convert_gguf(tiny_gguf, out, dtype="float32") == out
+    assert not list(out.glob("model-*"))
+    assert set(manifest_files(out)) == {p.name for p in out.iterdir()} - {MANIFEST}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.gguf"]
+
+
+def test_a_conversion_of_nrt_mlx_0_1_is_replaced_when_alone(
+    tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """0.1 wrote no manifest; its config.json names the GGUF, and it holds only its own files."""
+    out = convert_gguf(tiny_gguf, tmp_path / "old")
+    (out / MANIFEST).unlink()
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    with pytest.raises(NrtError, match=r"old: holds files that are not part of a model converted "):
+        convert_gguf(tiny_gguf, out)
+    assert snapshot(out) == before
+    (out / "notes.txt").unlink()
+    assert convert_gguf(tiny_gguf, out) == out
+    assert (out / MANIFEST).is_file()
+    # Without the config.json key it is not a conversion at all.
+    (out / MANIFEST).unlink()
+    config = json.loads((out / "config.json").read_text())
+    del config["nrt_mlx_converted_from"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NrtError, match=r"exists and is not a model converted by nrt-mlx"):
+        convert_gguf(tiny_gguf, out)
+
+
+def test_convert_does_not_replace_a_fused_model(tiny_gguf: Path, tmp_path: Path) -> None:
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    (fused / "config.json").write_text("{}")
+    files = [{"path": "config.json", "kind": "config"}]
+    (fused / MANIFEST).write_text(
+        json.dumps({"written_by": "nrt-mlx", "command": "fuse", "files": files})
+    )
+    before = snapshot(fused)
+    with pytest.raises(NrtError) as err:
+        convert_gguf(tiny_gguf, fused)
+    assert str(err.value) == (
+        f"{fused}: holds the output of 'nrt-mlx fuse', which 'nrt-mlx convert' does not replace; "
+        "choose another output directory"
+    )
+    assert snapshot(fused) == before
+
+
+def test_a_file_added_while_converting_is_kept(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nrt_mlx.export.convert as convert
+
+    out = convert.convert_gguf(tiny_gguf, tmp_path / "out")
+    save = convert.save_weights
+
+    def save_then_user_writes(directory: Path, weights: dict[str, Any]) -> None:
+        save(directory, weights)
+        (out / "late.txt").write_text("written by the user meanwhile")
+
+    monkeypatch.setattr(convert, "save_weights", save_then_user_writes)
+    with pytest.raises(NrtError, match=r"out: holds files that are not part of .* \(late\.txt\)"):
+        convert.convert_gguf(tiny_gguf, out)
+    assert (out / "late.txt").read_text() == "written by the user meanwhile"
+    assert (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.gguf"]  # no temporary
+
+
+def test_a_user_directory_named_like_the_backup_is_kept(tiny_gguf: Path, tmp_path: Path) -> None:
+    """``atomic_dir`` moves the old output to ``.NAME.old`` and deletes that path."""
+    out = convert_gguf(tiny_gguf, tmp_path / "out")
+    backup = tmp_path / ".out.old"
+    backup.mkdir()
+    (backup / "mine.txt").write_text("mine")
+    with pytest.raises(NrtError, match=r"\.out\.old: exists and is not a model converted"):
+        convert_gguf(tiny_gguf, out)
+    assert (backup / "mine.txt").read_text() == "mine" and (out / "config.json").is_file()
+
+
+def test_a_symlinked_output_is_refused(tiny_gguf: Path, tmp_path: Path) -> None:
+    real = convert_gguf(tiny_gguf, tmp_path / "real")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    before = snapshot(real)
+    with pytest.raises(
+        NrtError, match=r"link: is a symbolic link; give the directory it points to"
+    ):
+        convert_gguf(tiny_gguf, link)
+    assert snapshot(real) == before and link.is_symlink()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_converted_directory_follows_the_umask(tiny_gguf: Path, tmp_path: Path, mask: int) -> None:
+    with umask(mask):
+        out = convert_gguf(tiny_gguf, tmp_path / "out")
+    got = modes(out)
+    assert got.pop(".") == 0o777 & ~mask
+    assert len(got) == 7 and set(got.values()) == {0o666 & ~mask}
+    with umask(mask):
+        convert_gguf(tiny_gguf, out)  # replacing an earlier output
+    assert modes(out)["."] == 0o777 & ~mask
+
+
+# ================================================================================================
+# Corrupt headers: bounded reads, one line, quickly
+# ================================================================================================
+
+
+def _header(n_tensors: int, n_kv: int) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv)
+
+
+def _bad_array_count(d: Path) -> Path:
+    body = _s("tokenizer.ggml.scores") + struct.pack("<IIQ", V_ARR, V_F32, 2**62) + b"\0" * 64
+    (d / "bad.gguf").write_bytes(_header(0, 1) + body)
+    return d / "bad.gguf"
+
+
+def _bad_string_array_count(d: Path) -> Path:
+    # 24 MB of empty strings follow: reading them one by one until the count runs out took seconds.
+    body = _s("tokenizer.ggml.tokens") + struct.pack("<IIQ", V_ARR, V_STR, 10**15)
+    body += b"\0" * (24 * 2**20)
+    (d / "bad.gguf").write_bytes(_header(0, 1) + body)
+    return d / "bad.gguf"
+
+
+def _bad_nested_arrays(d: Path) -> Path:
+    nested = struct.pack("<IQ", V_ARR, 1) * 200_000 + struct.pack("<IQ", V_U32, 0)
+    (d / "bad.gguf").write_bytes(_header(0, 1) + _s("x") + struct.pack("<I", V_ARR) + nested)
+    return d / "bad.gguf"
+
+
+def _bad_string_length(d: Path) -> Path:
+    (d / "bad.gguf").write_bytes(_header(0, 1) + struct.pack("<Q", 2**63) + b"general")
+    return d / "bad.gguf"
+
+
+def _bad_kv_count(d: Path) -> Path:
+    (d / "bad.gguf").write_bytes(_header(0, 2**60) + _s("general.name") + b"\0" * 32)
+    return d / "bad.gguf"
+
+
+def _bad_tensor_count(d: Path) -> Path:
+    good = write_gguf(d / "good.gguf", tiny_metadata(), [])
+    raw = bytearray(good.read_bytes())
+    raw[8:16] = struct.pack("<Q", 2**60)
+    (d / "bad.gguf").write_bytes(raw)
+    return d / "bad.gguf"
+
+
+def _bad_dims(d: Path) -> Path:
+    return write_gguf(d / "bad.gguf", tiny_metadata(), [("huge.weight", F32, (2**40, 2**40), b"")])
+
+
+def _bad_alignment(d: Path) -> Path:
+    return write_gguf(d / "bad.gguf", tiny_metadata(**{"general.alignment": 0}), tiny_tensors())
+
+
+def _bad_array_item_type(d: Path) -> Path:
+    body = _s("x") + struct.pack("<IIQ", V_ARR, 99, 3) + b"\0" * 64
+    (d / "bad.gguf").write_bytes(_header(0, 1) + body)
+    return d / "bad.gguf"
+
+
+def _bad_key_on_two_lines(d: Path) -> Path:
+    body = _s("line one\nline two" + "x" * 200) + struct.pack("<I", 99) + b"\0" * 64
+    (d / "bad.gguf").write_bytes(_header(0, 1) + body)
+    return d / "bad.gguf"
+
+
+CORRUPT = {
+    "array_count": (
+        _bad_array_count,
+        r"truncated or corrupt GGUF file \(array 'tokenizer\.ggml\.scores' claims "
+        r"4611686018427387904 items at byte 69, but only 64 bytes follow\)",
+    ),
+    "string_array_count": (
+        _bad_string_array_count,
+        r"\(array 'tokenizer\.ggml\.tokens' claims 1000000000000000 items at byte 69, but only "
+        r"25165824 bytes follow\)",
+    ),
+    "nested_arrays": (_bad_nested_arrays, r"\(metadata 'x' nests arrays more than 4 deep\)"),
+    "string_length": (
+        _bad_string_length,
+        r"truncated or corrupt GGUF file \(string at byte 32 claims 9223372036854775808 bytes, "
+        r"but only 7 follow\)",
+    ),
+    "kv_count": (
+        _bad_kv_count,
+        r"\(the metadata table claims 1152921504606846976 items at byte 24, but only 52 bytes",
+    ),
+    "tensor_count": (_bad_tensor_count, r"\(the tensor table claims 1152921504606846976 items"),
+    "dims": (_bad_dims, r"truncated GGUF file \(tensor data needs 48357032784585166988"),
+    "alignment": (_bad_alignment, r"\(general\.alignment is 0, not a positive power of two\)"),
+    "array_item_type": (_bad_array_item_type, r"\(array 'x' has unknown item type 99\)"),
+    "key_on_two_lines": (
+        _bad_key_on_two_lines,
+        r"\(metadata 'line one\\nline twox{83}'\.\.\. has unknown type 99\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT))
+def test_corrupt_header_fails_fast_without_allocating(case: str, tmp_path: Path) -> None:
+    import tracemalloc
+
+    from nrt_mlx.export.gguf import read_gguf
+
+    make, pattern = CORRUPT[case]
+    path = make(tmp_path)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(NrtError, match=pattern) as err:
+            read_gguf(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 2.0
+    assert peak < 20 * 1024**2, f"{peak} bytes allocated"
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+    out = tmp_path / "out"
+    assert _cli_error("convert", str(path), str(out)) == f"error: {err.value}\n"
+    assert not out.exists()

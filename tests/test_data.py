@@ -95,3 +95,76 @@ def test_long_prompts_are_skipped_and_counted(tmp_path):
     assert (
         "data.max_prompt_tokens" in d.skipped[0][1] and "data.max_answer_tokens" in d.skipped[1][1]
     )
+
+
+# ---- bytes on disk: encodings, byte-order mark, line endings ------------------------------------
+
+
+def test_non_utf8_bytes_are_an_error_naming_file_and_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    good = json.dumps({"question": "ok?", "answer": "yes"}).encode()
+    bad = '{"question": "Où est le café?", "answer": "Paris"}'.encode("latin-1")
+    p.write_bytes(good + b"\n" + bad + b"\n" + good + b"\n")
+    for strict in (False, True):
+        with pytest.raises(NrtError) as err:
+            load_jsonl(p, DataConfig(strict=strict))
+        assert str(err.value) == (
+            f"{p}:2: not UTF-8 text (byte 0xf9 at byte 16 of the line); "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        )
+
+
+def test_utf16_file_is_an_error_not_an_empty_dataset(tmp_path):
+    p = tmp_path / "utf16.jsonl"
+    p.write_bytes(json.dumps({"question": "q?", "answer": "a"}).encode("utf-16"))
+    with pytest.raises(NrtError, match=r"utf16\.jsonl:1: not UTF-8 text \(byte 0xff at byte 1 "):
+        load_jsonl(p, DataConfig())
+
+
+def test_byte_order_mark_keeps_the_first_record(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    lines = [{"question": "Q1?", "answer": "A1"}, {"question": "Q2?", "answer": "A2"}]
+    p.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(x) + "\n" for x in lines).encode())
+    d = load_jsonl(p, DataConfig(strict=True))
+    assert [e.answer for e in d.examples] == ["A1", "A2"] and d.skipped == []
+
+
+def test_any_line_ending_and_real_non_ascii_text(tmp_path):
+    p = tmp_path / "endings.jsonl"
+    records = [{"question": f"Où {i}?", "answer": f"café {i} 🙂"} for i in range(4)]
+    raw = [json.dumps(r, ensure_ascii=False).encode() for r in records]
+    p.write_bytes(raw[0] + b"\r\n" + raw[1] + b"\r" + b"{bad\n" + raw[2] + b"\n" + raw[3])
+    d = load_jsonl(p, DataConfig())
+    assert [(e.line, e.answer) for e in d.examples] == [
+        (1, "café 0 🙂"),
+        (2, "café 1 🙂"),
+        (4, "café 2 🙂"),
+        (5, "café 3 🙂"),
+    ]
+    assert d.skipped == [(3, "invalid JSON")]
+
+
+def test_report_is_one_line(tmp_path):
+    bad = ["{oops"] * 7
+    p = write_lines(tmp_path / "d.jsonl", [{"question": "q?", "answer": "a"}, *bad])
+    report = load_jsonl(p, DataConfig()).report()
+    assert report == (
+        f"{p}: 1 examples, skipped 7: line 2 (invalid JSON), line 3 (invalid JSON), "
+        "line 4 (invalid JSON), line 5 (invalid JSON), line 6 (invalid JSON) and 2 more"
+    )
+
+
+def test_train_quiet_still_prints_the_skipped_records(tmp_path, tiny_model_dir):
+    from helpers import DATA, tiny_recipe, write_recipe
+    from typer.testing import CliRunner
+
+    from nrt_mlx.cli import app
+
+    data = tmp_path / "train.jsonl"
+    lines = (DATA / "train.jsonl").read_text().splitlines()[:4]
+    data.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data={"train": str(data)}, train={"steps": 1})
+    result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path, recipe)), "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = [line for line in result.output.splitlines() if line.startswith(str(data))]
+    assert summary == [f"{data}: 4 examples, skipped 1: line 2 (invalid JSON)"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 import yaml
+from filetree import MANIFEST, manifest_files, modes, snapshot, umask
 from helpers import run_cli
 
 from nrt_mlx.errors import NrtError
@@ -276,14 +277,98 @@ def test_fuse_refuses_to_replace_other_directories(tiny_run_factory, tmp_path: P
     unrelated = tmp_path / "notes"
     unrelated.mkdir()
     (unrelated / "todo.txt").write_text("keep me")
-    with pytest.raises(NrtError, match="not a model fused by nrt-mlx"):
+    with pytest.raises(NrtError) as err:
         fuse_run(run, unrelated)
+    assert str(err.value) == (
+        f"{unrelated}: exists and is not a model fused by nrt-mlx (it holds todo.txt); "
+        "choose a new directory or empty it"
+    )
     assert (unrelated / "todo.txt").read_text() == "keep me"
     with pytest.raises(NrtError, match="no recipe.yaml"):
         fuse_run(tmp_path, tmp_path / "x")
+
+
+def test_fuse_keeps_user_files_beside_an_earlier_fuse(
+    tiny_run_factory, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    run = tiny_run_factory()
     out = fuse_run(run, tmp_path / "fused")
-    (out / "stale.txt").write_text("from an older fuse")
-    assert fuse_run(run, out) == out and not (out / "stale.txt").exists()  # a fused dir is replaced
+    (out / "notes.md").write_text("my notes on this model")
+    before = snapshot(out)
+    code, stdout, err = run_cli(monkeypatch, capsys, "fuse", run, out)
+    assert code == 2 and stdout == ""
+    assert err == (
+        f"error: {out}: holds files that are not part of a model fused by nrt-mlx (notes.md); "
+        "move them elsewhere or choose another output directory\n"
+    )
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]  # no temporary left
+    # Moved out, the earlier fuse is replaced by the new one (a different checkpoint here).
+    (out / "notes.md").unlink()
+    code, _, err = run_cli(monkeypatch, capsys, "fuse", run, out, "--checkpoint", 10)
+    assert code == 0, err
+    assert "| Steps | 10 of 20 |" in (out / "README.md").read_text()
+
+
+def test_fused_model_lists_its_files_in_a_manifest(dense_fused) -> None:
+    _, out = dense_fused
+    listed = manifest_files(out)
+    assert set(listed) == {p.name for p in out.iterdir()} - {MANIFEST}
+    assert listed["model.safetensors"] == "weights"
+    assert listed["config.json"] == "config"
+    assert listed["README.md"] == "model-card"
+    assert listed["tokenizer.json"] == listed["tokenizer_config.json"] == "tokenizer"
+    assert json.loads((out / MANIFEST).read_text())["command"] == "fuse"
+
+
+def test_a_fuse_of_nrt_mlx_0_1_is_replaced_when_alone(tiny_run_factory, tmp_path: Path) -> None:
+    """0.1 wrote no manifest: its model card and file names identify it."""
+    run = tiny_run_factory()
+    out = fuse_run(run, tmp_path / "old")
+    (out / MANIFEST).unlink()
+    for extra in ("train.py", "notes.txt"):
+        (out / extra).write_text("mine")
+        before = snapshot(out)
+        with pytest.raises(NrtError) as err:
+            fuse_run(run, out)
+        assert str(err.value) == (
+            f"{out}: holds files that are not part of a model fused by nrt-mlx ({extra}); "
+            "move them elsewhere or choose another output directory"
+        )
+        assert snapshot(out) == before
+        (out / extra).unlink()
+    assert fuse_run(run, out) == out and (out / MANIFEST).is_file()
+
+
+def test_fuse_does_not_replace_a_converted_model(tiny_run_factory, tmp_path: Path) -> None:
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    (converted / "config.json").write_text("{}")
+    files = [{"path": "config.json", "kind": "config"}]
+    (converted / MANIFEST).write_text(
+        json.dumps({"written_by": "nrt-mlx", "command": "convert", "files": files})
+    )
+    before = snapshot(converted)
+    with pytest.raises(NrtError) as err:
+        fuse_run(tiny_run_factory(), converted)
+    assert str(err.value) == (
+        f"{converted}: holds the output of 'nrt-mlx convert', which 'nrt-mlx fuse' does not "
+        "replace; choose another output directory"
+    )
+    assert snapshot(converted) == before
+
+
+def test_fused_directory_follows_the_umask(tiny_run_factory, tmp_path: Path) -> None:
+    run = tiny_run_factory()
+    with umask(0o002):
+        out = fuse_run(run, tmp_path / "group")
+    got = modes(out)
+    assert got.pop(".") == 0o775
+    assert "README.md" in got and set(got.values()) == {0o664}
+    with umask(0o077):
+        fuse_run(run, out)  # replacing an earlier fuse
+    got = modes(out)
+    assert got.pop(".") == 0o700 and set(got.values()) == {0o600}
 
 
 def test_fuse_rejects_incomplete_adapters(tiny_run_factory, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from helpers import run_cli
 
 from nrt_mlx.errors import NrtError
 from nrt_mlx.export.hub import files_to_upload, hub_error, upload_folder_to_hub
+from nrt_mlx.export.manifest import MANIFEST
 
 REPO = "alice/tiny-nrt"
 
@@ -157,10 +158,11 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 def expected_files(folder: Path) -> dict[str, bytes]:
+    """Every file of the folder but .git and nrt-mlx's own manifest, which stays local."""
     return {
         p.relative_to(folder).as_posix(): p.read_bytes()
         for p in folder.rglob("*")
-        if p.is_file() and ".git" not in p.relative_to(folder).parts
+        if p.is_file() and ".git" not in p.relative_to(folder).parts and p.name != MANIFEST
     }
 
 

@@ -6,7 +6,16 @@ import pytest
 import yaml
 
 from nrt_mlx.errors import NrtError
-from nrt_mlx.recipe import Recipe, load_recipe, save_recipe
+from nrt_mlx.recipe import (
+    RESUME_FIXED,
+    ModelConfig,
+    Recipe,
+    flat_keys,
+    load_recipe,
+    resume_overrides,
+    save_recipe,
+    with_remote_code,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,6 +68,9 @@ def test_values_are_typed_and_overrides_apply(tmp_path):
     assert r.model.quantize == 4
     assert r.rollout.temperature == 0.5
     assert r.lora.keys == ["self_attn.q_proj"]
+    # A value YAML would read as a mapping, or not at all, is the text as given.
+    r = load_recipe(p, ["rollout.marker=Answer:", "data.system_prompt=Be: brief: [x"])
+    assert r.rollout.marker == "Answer:" and r.data.system_prompt == "Be: brief: [x"
 
 
 @pytest.mark.parametrize(
@@ -94,3 +106,73 @@ def test_saved_recipe_round_trips(tmp_path):
     save_recipe(r, tmp_path / "out" / "recipe.yaml")
     again = load_recipe(tmp_path / "out" / "recipe.yaml")
     assert again == r
+
+
+def test_every_shipped_recipe_passes_the_range_checks():
+    paths = sorted((REPO / "recipes").rglob("*.yaml"))
+    assert len(paths) > 10
+    for path in paths:
+        load_recipe(path)
+
+
+def test_the_resume_policy_is_documented_key_by_key():
+    text = (REPO / "recipes" / "reference.yaml").read_text()
+    header = text.split("\nmodel:")[0]
+    flat = flat_keys(Recipe())
+    for key in RESUME_FIXED:
+        assert key in header, key
+        assert key in flat or key == "run.overrides", key
+
+
+def test_resume_overrides_refuse_fixed_keys_and_record_the_rest():
+    saved = Recipe()
+    changed = Recipe()
+    changed.train.steps, changed.lora.dropout = 300, 0.1
+    assert resume_overrides(saved, changed, 101) == [
+        {"from_step": 101, "key": "lora.dropout", "value": 0.1, "was": 0.0},
+        {"from_step": 101, "key": "train.steps", "value": 300, "was": 100},
+    ]
+    assert resume_overrides(saved, Recipe(), 5) == []
+    changed.lora.rank = 8
+    with pytest.raises(NrtError, match=r"--set lora.rank: cannot change when resuming \(16 -> 8\)"):
+        resume_overrides(saved, changed, 101)
+
+
+def test_with_remote_code_takes_the_flag_only():
+    asked = ModelConfig(path="owner/model", trust_remote_code=True)
+    with pytest.raises(NrtError, match="only the --trust-remote-code flag"):
+        with_remote_code(asked, False, "r.yaml")
+    assert with_remote_code(asked, True, "r.yaml").trust_remote_code is True
+    assert with_remote_code(ModelConfig(), True, "r.yaml").trust_remote_code is True
+    assert with_remote_code(ModelConfig(), False, "r.yaml").trust_remote_code is False
+    assert asked.trust_remote_code is True  # a copy: the recipe itself is unchanged
+
+
+def test_paths_become_absolute_file_relative_first_then_working_folder(tmp_path, monkeypatch):
+    (tmp_path / "recipes" / "data").mkdir(parents=True)
+    (tmp_path / "recipes" / "data" / "train.jsonl").write_text("{}\n")  # beside the recipe
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "valid.jsonl").write_text("{}\n")  # in the working folder only
+    (tmp_path / "data" / "train.jsonl").write_text("{}\n")
+    path = tmp_path / "recipes" / "r.yaml"
+    path.write_text("data:\n  train: data/train.jsonl\n  valid: data/valid.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe(path)
+    assert r.data.train == str(tmp_path / "recipes" / "data" / "train.jsonl")
+    assert r.data.valid == str(tmp_path / "data" / "valid.jsonl")
+    # --set paths are the working folder's; a Hub id or a missing file stays as given.
+    r = load_recipe(path, ["data.train=data/train.jsonl", "model.path=owner/model"])
+    assert r.data.train == str(tmp_path / "data" / "train.jsonl")
+    assert r.model.path == "owner/model"
+    assert load_recipe(path, ["data.valid=nowhere.jsonl"]).data.valid == "nowhere.jsonl"
+
+
+def test_a_saved_run_without_overrides_loads_with_none(tmp_path):
+    data = Recipe().to_dict()
+    del data["run"]["overrides"]  # a run of an earlier version
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    assert load_recipe(tmp_path / "recipe.yaml", saved_run=True).run.overrides == []
+    data["run"]["overrides"] = ["train.steps=5"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(NrtError, match=r"run.overrides\[0\] must be a mapping"):
+        load_recipe(tmp_path / "recipe.yaml")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -29,7 +28,8 @@ from typing import Any
 
 from nrt_mlx.errors import NrtError
 from nrt_mlx.export.gguf import QUANT_GROUP_SIZE, GGUFFile, load_tensors, read_gguf
-from nrt_mlx.fileio import atomic_dir, check_replaceable
+from nrt_mlx.export.manifest import OutputKind, check_output_dir, finish_output_dir
+from nrt_mlx.fileio import atomic_dir
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_SHARD_BYTES = 5 * 1024**3  # mlx-lm's shard size
@@ -84,11 +84,11 @@ def convert_gguf(
     weights; by default float16 on a GPU (Metal, CUDA) and float32 on the CPU backend (see
     ``default_dtype``). The directory is built beside ``out_dir`` and renamed into place,
     so it is never seen half-written. An existing ``out_dir`` is replaced only when it is empty or
-    an earlier conversion (its config.json names its GGUF under ``CONVERTED_KEY``).
+    holds exactly an earlier conversion (see ``nrt_mlx.export.manifest``); anything else is refused.
     """
     dtype = _check_dtype(dtype)
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, _is_conversion, "a model converted by nrt-mlx")
+    check_output_dir(out_dir, CONVERT_OUTPUT)
     gguf = read_gguf(gguf_path)
     arrays = load_tensors(gguf)
     config = model_config(gguf, arrays)
@@ -101,27 +101,42 @@ def convert_gguf(
     config[CONVERTED_KEY] = Path(gguf_path).name
     tmp, commit = atomic_dir(out_dir)
     try:
-        _chmod_like_mkdir(tmp)
         save_weights(tmp, weights)
         _write_json(tmp / "config.json", config)
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         _write_json(tmp / "special_tokens_map.json", _special_tokens_map(tokenizer_config))
-        return commit()
+        return finish_output_dir(tmp, out_dir, CONVERT_OUTPUT, commit)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-# config.json key naming the source GGUF: marks a directory convert may replace on a rerun.
+# config.json key naming the source GGUF: marks a conversion of nrt-mlx 0.1 (no manifest).
 CONVERTED_KEY = "nrt_mlx_converted_from"
 
 
 def _is_conversion(directory: Path) -> bool:
     try:
         return CONVERTED_KEY in json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return False
+
+
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CONVERT_OUTPUT = OutputKind(
+    command="convert",
+    what="a model converted by nrt-mlx",
+    kinds=(
+        ("model*.safetensors", "weights"),
+        ("model.safetensors.index.json", "weights-index"),
+        ("config.json", "config"),
+        ("*", "tokenizer"),
+    ),
+    is_legacy=_is_conversion,
+    legacy_files=(*WEIGHT_FILES, "config.json", *TOKENIZER_FILES),
+)
 
 
 def default_dtype() -> str:
@@ -142,13 +157,6 @@ def _check_dtype(dtype: str | None) -> str:
     if dtype not in DTYPES:
         raise NrtError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return dtype
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    """Give the temporary directory (mkdtemp makes it 0700) the mode a plain mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -24,9 +24,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from nrt_mlx import marker
 from nrt_mlx.errors import NrtError, first_line
-from nrt_mlx.fileio import atomic_dir, check_replaceable
+from nrt_mlx.export.manifest import OutputKind, check_output_dir, finish_output_dir
+from nrt_mlx.fileio import atomic_dir
 from nrt_mlx.model import LoadedModel, apply_adapters, load_trained_base
-from nrt_mlx.recipe import Recipe
+from nrt_mlx.recipe import Recipe, with_remote_code
 from nrt_mlx.rundir import RunDir, read_adapter_config
 
 GGUF_FILE = "model.gguf"
@@ -59,13 +60,19 @@ def fuse_run(
     export_gguf: bool = False,
     *,
     repo_id: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Fuse the adapters of ``run_dir`` (latest, or ``checkpoint``) into ``out_dir``; returns it.
+
+    ``trust_remote_code`` (the --trust-remote-code flag) alone lets the base run its Hub code;
+    the run's recipe.yaml asking for it without the flag is refused (``recipe.with_remote_code``).
 
     ``dequantize`` writes a dense model even when the run trained on a quantized base;
     ``export_gguf`` also writes ``model.gguf`` (Llama/Mistral, dense only); ``repo_id`` is the Hub
     repository the model card's usage snippet names (default: the output directory's name).
-    The output directory is written atomically: it appears complete or not at all.
+    The output directory is written atomically: it appears complete or not at all. An existing
+    ``out_dir`` is replaced only when it is empty or holds exactly an earlier fused model (see
+    ``nrt_mlx.export.manifest``); anything else is refused and left as it is.
     """
     run = RunDir(Path(run_dir))
     recipe = run.read_recipe()
@@ -74,7 +81,8 @@ def fuse_run(
     out = Path(out_dir)
     check_out_dir(out, [run.root, Path(recipe.model.path).expanduser()])
 
-    loaded = load_trained_base(recipe.model, adapter_cfg)
+    model_cfg = with_remote_code(recipe.model, trust_remote_code, str(run.recipe))
+    loaded = load_trained_base(model_cfg, adapter_cfg)
     check_out_dir(out, [loaded.local_path])
     if export_gguf:
         check_gguf_exportable(loaded, dequantize)
@@ -91,10 +99,10 @@ def fuse_run(
         _write_card(
             tmp, run, recipe, adapter_cfg, step, loaded, config, repo_id or out.name, gguf_file
         )
+        return finish_output_dir(tmp, out, FUSE_OUTPUT, commit)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return commit()
 
 
 # ---- the output directory ----------------------------------------------------------------------
@@ -111,9 +119,41 @@ def check_out_dir(out: Path, protected: list[Path]) -> None:
             raise NrtError(
                 f"{out}: writing there would replace {path}; choose another output directory"
             )
+    check_output_dir(out, FUSE_OUTPUT)
+
+
+def _is_fused_0_1(directory: Path) -> bool:
+    """A model fused by nrt-mlx 0.1 (no manifest): its README.md is our model card."""
     from nrt_mlx.export.card import is_nrt_model_card
 
-    check_replaceable(out, lambda d: is_nrt_model_card(d / "README.md"), "a model fused by nrt-mlx")
+    return is_nrt_model_card(directory / "README.md")
+
+
+FUSE_OUTPUT = OutputKind(
+    command="fuse",
+    what="a model fused by nrt-mlx",
+    kinds=(
+        ("model*.safetensors", "weights"),
+        ("model.safetensors.index.json", "weights-index"),
+        ("config.json", "config"),
+        ("README.md", "model-card"),
+        (GGUF_FILE, "gguf"),
+        ("generation_config.json", "generation-config"),
+        ("*.py", "code"),
+        ("*", "tokenizer"),
+    ),
+    is_legacy=_is_fused_0_1,
+    # What 0.1 wrote, less ``*.py`` (a user's script must not pass for copied model code).
+    legacy_files=(
+        "model.safetensors",
+        "model-*-of-*.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+        "README.md",
+        GGUF_FILE,
+        *(p for p in TOKENIZER_PATTERNS if p != "*.py"),
+    ),
+)
 
 
 # ---- the base model and the fuse -------------------------------------------------------------

@@ -89,6 +89,15 @@ _SCALAR_FORMATS: dict[int, str] = {
 }
 _STRING = 8
 _ARRAY = 9
+# Arrays of arrays are legal but unused by llama.cpp; deeper nesting means a corrupt file.
+MAX_ARRAY_DEPTH = 4
+# Fewest bytes an item can take, to bound every count by the bytes left: a string is its u64
+# length, an array its u32 type and u64 count; a metadata entry is a key, a u32 type and a value;
+# a tensor info is a name, u32 n_dims, u32 type and u64 offset.
+_MIN_STRING_BYTES = 8
+_MIN_ARRAY_BYTES = 12
+_MIN_KV_BYTES = _MIN_STRING_BYTES + 4 + 1
+_MIN_TENSOR_INFO_BYTES = _MIN_STRING_BYTES + 4 + 4 + 8
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,13 @@ class GGUFFile:
         return self.metadata[key]
 
 
+def _quote(name: str) -> str:
+    """A key or tensor name read from the file, quoted, on one line and at most ~100 characters."""
+    if name.isprintable() and len(name) <= 100:
+        return f"'{name}'"
+    return repr(name[:100]) + ("..." if len(name) > 100 else "")
+
+
 class _Cursor:
     """Sequential little-endian reads over a buffer; running off the end means truncation."""
 
@@ -141,6 +157,17 @@ class _Cursor:
         self.buf = buf
         self.pos = 0
         self.path = path
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def check_count(self, count: int, item_bytes: int, what: str) -> None:
+        """Refuse a count whose items cannot fit in the rest of the file, before reading any."""
+        if count * item_bytes > self.left():
+            raise NrtError(
+                f"{self.path}: truncated or corrupt GGUF file ({what} claims {count} items at byte "
+                f"{self.pos}, but only {self.left()} bytes follow)"
+            )
 
     def take(self, n: int) -> int:
         """Advance by ``n`` bytes and return the start position."""
@@ -159,6 +186,11 @@ class _Cursor:
 
     def string(self) -> str:
         n = self.scalar("Q")
+        if n > self.left():
+            raise NrtError(
+                f"{self.path}: truncated or corrupt GGUF file (string at byte {self.pos} claims "
+                f"{n} bytes, but only {self.left()} follow)"
+            )
         start = self.take(n)
         try:
             return bytes(self.buf[start : start + n]).decode("utf-8")
@@ -167,23 +199,39 @@ class _Cursor:
                 f"{self.path}: corrupt GGUF file (string at byte {start}: {err})"
             ) from err
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, key: str, depth: int = 0) -> Any:
+        """A metadata value of type ``vtype``; ``key`` names it in errors."""
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            return self.array()
+            return self.array(key, depth + 1)
         if vtype not in _SCALAR_FORMATS:
-            raise NrtError(f"{self.path}: corrupt GGUF file (unknown metadata type {vtype})")
+            raise NrtError(
+                f"{self.path}: corrupt GGUF file (metadata {_quote(key)} has unknown type {vtype})"
+            )
         return self.scalar(_SCALAR_FORMATS[vtype])
 
-    def array(self) -> list[Any]:
+    def array(self, key: str, depth: int) -> list[Any]:
+        if depth > MAX_ARRAY_DEPTH:
+            raise NrtError(
+                f"{self.path}: corrupt GGUF file (metadata {_quote(key)} nests arrays more than "
+                f"{MAX_ARRAY_DEPTH} deep)"
+            )
         itype = self.scalar("I")
         count = self.scalar("Q")
         if itype in _SCALAR_FORMATS:
+            fmt = _SCALAR_FORMATS[itype]
+            self.check_count(count, struct.calcsize("<" + fmt), f"array {_quote(key)}")
             # One unpack for the whole array: vocabularies hold ~100k entries.
-            fmt = f"<{count}{_SCALAR_FORMATS[itype]}"
+            fmt = f"<{count}{fmt}"
             return list(struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt))))
-        return [self.value(itype) for _ in range(count)]
+        if itype not in (_STRING, _ARRAY):
+            raise NrtError(
+                f"{self.path}: corrupt GGUF file (array {_quote(key)} has unknown item type {itype})"
+            )
+        item_bytes = _MIN_STRING_BYTES if itype == _STRING else _MIN_ARRAY_BYTES
+        self.check_count(count, item_bytes, f"array {_quote(key)}")
+        return [self.value(itype, key, depth) for _ in range(count)]
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
@@ -215,15 +263,17 @@ def _parse(buf: mmap.mmap, path: Path) -> GGUFFile:
         raise NrtError(f"{path}: GGUF version {version} is not supported (only 2 and 3)")
     n_tensors = cur.scalar("Q")
     n_kv = cur.scalar("Q")
+    cur.check_count(n_kv, _MIN_KV_BYTES, "the metadata table")
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
-        metadata[key] = cur.value(cur.scalar("I"))
+        metadata[key] = cur.value(cur.scalar("I"), key)
     gguf = GGUFFile(path=path, version=version, metadata=metadata)
     # The architecture is the more basic mismatch: report it before any tensor type.
     check_architecture(gguf)
+    cur.check_count(n_tensors, _MIN_TENSOR_INFO_BYTES, "the tensor table")
     raw_infos = [_tensor_info(cur) for _ in range(n_tensors)]
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    alignment = _alignment(gguf)
     data_start = -(-cur.pos // alignment) * alignment
     for name, shape, type_id, rel_offset in raw_infos:
         gguf.tensors[name] = _checked_info(path, name, shape, type_id, data_start + rel_offset)
@@ -231,11 +281,22 @@ def _parse(buf: mmap.mmap, path: Path) -> GGUFFile:
     return gguf
 
 
+def _alignment(gguf: GGUFFile) -> int:
+    """``general.alignment``: a positive power of two (a zero would divide by zero)."""
+    value = gguf.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value & (value - 1):
+        raise NrtError(
+            f"{gguf.path}: corrupt GGUF file (general.alignment is {value!r}, "
+            "not a positive power of two)"
+        )
+    return value
+
+
 def _tensor_info(cur: _Cursor) -> tuple[str, tuple[int, ...], int, int]:
     name = cur.string()
     n_dims = cur.scalar("I")
     if n_dims > 8:
-        raise NrtError(f"{cur.path}: corrupt GGUF file (tensor '{name}' has {n_dims} dims)")
+        raise NrtError(f"{cur.path}: corrupt GGUF file (tensor {_quote(name)} has {n_dims} dims)")
     dims = [cur.scalar("Q") for _ in range(n_dims)]
     type_id = cur.scalar("I")
     offset = cur.scalar("Q")
@@ -250,7 +311,7 @@ def _checked_info(
     if type_name not in SUPPORTED_TYPES:
         supported = ", ".join(SUPPORTED_TYPES)
         raise NrtError(
-            f"{path}: tensor '{name}' has type {type_name}, which cannot be converted "
+            f"{path}: tensor {_quote(name)} has type {type_name}, which cannot be converted "
             f"(supported: {supported}; re-quantize the model to one of these with llama.cpp)"
         )
     per_block, block_bytes, _ = SUPPORTED_TYPES[type_name]
@@ -259,7 +320,7 @@ def _checked_info(
         count *= d
     if shape and shape[-1] % per_block:
         raise NrtError(
-            f"{path}: tensor '{name}' has rows of {shape[-1]} values, "
+            f"{path}: tensor {_quote(name)} has rows of {shape[-1]} values, "
             f"not a multiple of the {type_name} block size {per_block}"
         )
     return TensorInfo(name, shape, type_name, offset, count // per_block * block_bytes)

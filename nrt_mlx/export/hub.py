@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from nrt_mlx.errors import NrtError
+from nrt_mlx.export.manifest import MANIFEST
 
 COMMIT_MESSAGE = "Upload model fused with nrt-mlx"
 
@@ -33,12 +34,14 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def files_to_upload(folder: Path) -> list[str]:
-    """The files ``upload_folder`` sends, relative POSIX paths: it skips .git and HF caches only."""
+    """The files ``upload_folder`` sends, relative POSIX paths: it skips .git, HF caches and
+    nrt-mlx's own manifest of the output folder."""
     from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
     root = folder.expanduser().resolve()
     paths = [p.relative_to(root).as_posix() for p in sorted(root.glob("**/*")) if p.is_file()]
-    return list(filter_repo_objects(paths, ignore_patterns=list(DEFAULT_IGNORE_PATTERNS)))
+    ignore = [*DEFAULT_IGNORE_PATTERNS, MANIFEST]
+    return list(filter_repo_objects(paths, ignore_patterns=ignore))
 
 
 def hub_endpoint() -> str:
@@ -94,6 +97,7 @@ def _upload(folder: Path, repo_id: str, private: bool) -> None:
             folder_path=folder,
             repo_type="model",
             commit_message=COMMIT_MESSAGE,
+            ignore_patterns=[MANIFEST],  # nrt-mlx's own record of the folder
         )
     except Exception as err:
         raise hub_error(err, repo_id, endpoint, token) from None
