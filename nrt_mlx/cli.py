@@ -333,8 +333,8 @@ def eval_(
     loaded = load_for_eval(model, source, trust_remote_code=trust_remote_code)
     vocab = Vocabulary.of(loaded.tokenizer, cfg.rollout.marker)
     report = evaluate(loaded.model, vocab, dataset.examples, cfg)
+    _print(eval_tables(report, width=Console().width))  # shown even if the file cannot be written
     path = report.to_json(out)
-    _print(eval_tables(report, width=Console().width))
     typer.echo(f"report written to {path}")
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from nrt_mlx.batch import THINK, Row, build_rows, collate
 from nrt_mlx.data import Example
 from nrt_mlx.errors import NrtError
-from nrt_mlx.fileio import atomic_write_text
+from nrt_mlx.fileio import atomic_write_text, write_error_text
 from nrt_mlx.objective import answer_logprobs, forward
 from nrt_mlx.recipe import RolloutConfig, rollout_problem
 from nrt_mlx.rollout import Trace, greedy_answers, sample_traces
@@ -95,7 +95,11 @@ class EvalReport:
     def to_json(self, path: str | Path) -> Path:
         """Write the report (summary, config, per-question figures and generations) as JSON."""
         path = Path(path)
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        try:
+            atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        except OSError as err:
+            why = write_error_text(err, path.parent if path.parent.is_dir() else Path.cwd())
+            raise NrtError(f"{path}: could not write the report ({why})") from None
         return path
 
 

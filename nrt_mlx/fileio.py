@@ -73,8 +73,11 @@ def _sync_fd(fd: int) -> None:
         try:
             fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
             return
-        except OSError:
-            pass  # not supported by this file system: fsync is the best there is
+        except OSError as err:
+            # Not supported by this file system: fsync is the best there is. Any other error
+            # (EIO, ENOSPC) is the write failing and must be reported, not swallowed.
+            if err.errno not in (errno.ENOTSUP, errno.EINVAL, errno.ENOTTY):
+                raise
     os.fsync(fd)
 
 
@@ -339,14 +342,3 @@ def _locked_file(path: Path, busy: Callable[[str], str]) -> IO[str]:
         except FileNotFoundError:
             pass
         f.close()  # the previous holder removed the file as we locked it: lock the new one
-
-
-def check_replaceable(out: Path, is_ours: Callable[[Path], bool], what: str) -> None:
-    """Refuse to write a directory over user data: ``out`` may be missing, empty, or an earlier
-    output of the same command (``is_ours``); ``what`` names that output in the error."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise NrtError(f"{out}: exists and is not a directory; choose another output directory")
-    if any(out.iterdir()) and not is_ours(out):
-        raise NrtError(f"{out}: exists and is not {what}; choose a new directory or empty it")

@@ -416,6 +416,8 @@ def _absolute_paths(recipe: Recipe, base: Path, from_command_line: set[str]) -> 
     working folder. ``~`` is expanded. A path that exists in neither place is left as given: a Hub
     repo id (model.path), or a data file the loader then reports as missing.
     """
+    # run.dir: ~ expanded and absolute (a folder literally named "~" is a trap), made if missing.
+    recipe.run.dir = str(Path(recipe.run.dir).expanduser().absolute())
     for section, key in (("data", "train"), ("data", "valid"), ("model", "path")):
         cfg = getattr(recipe, section)
         value = getattr(cfg, key)
@@ -452,7 +454,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         raise NrtError(
             f"{source}: optimizer.betas must be a list of two numbers, got {recipe.optimizer.betas}"
         )
-    for key, value, ok, allowed in _ranges(recipe):
+    for key, value, ok, allowed in _learning_ranges(recipe) + _run_ranges(recipe):
         if not ok:
             raise NrtError(f"{source}: {key} must be {allowed}, got {value!r}")
     t = recipe.train
@@ -478,13 +480,15 @@ GROUP_SIZES = (32, 64, 128)  # the group sizes mx.quantize supports
 MAX_SEED = 2**32  # seed x 1_000_003 + step must fit mx.random.seed's 64 bits
 
 
-def _ranges(r: Recipe) -> list[tuple[str, Any, bool, str]]:
-    """(key, value, within range, the allowed range) of every key with a range."""
-    d, lo, o, ob, t, run = r.data, r.lora, r.objective, r.optimizer, r.train, r.run
-    at_least_1, at_least_0 = "at least 1", ">= 0"
+Range = tuple[str, Any, bool, str]  # key, value, within range, the allowed range
+AT_LEAST_1, AT_LEAST_0 = "at least 1", ">= 0"
+
+
+def _learning_ranges(r: Recipe) -> list[Range]:
+    """The ranged keys of what is learned and how: lora, objective, optimizer."""
+    lo, o, ob = r.lora, r.objective, r.optimizer
+    at_least_1, at_least_0 = AT_LEAST_1, AT_LEAST_0
     out = [
-        ("data.max_prompt_tokens", d.max_prompt_tokens, d.max_prompt_tokens >= 1, at_least_1),
-        ("data.max_answer_tokens", d.max_answer_tokens, d.max_answer_tokens >= 1, at_least_1),
         ("lora.layers", lo.layers, lo.layers >= 1 or lo.layers == -1, "at least 1 (-1: all)"),
         ("lora.rank", lo.rank, lo.rank >= 1, at_least_1),
         ("lora.scale", lo.scale, lo.scale > 0, "> 0"),
@@ -506,6 +510,19 @@ def _ranges(r: Recipe) -> list[tuple[str, Any, bool, str]]:
         ("optimizer.warmup_ratio", ob.warmup_ratio, 0 <= ob.warmup_ratio < 1, "in [0, 1)"),
         ("optimizer.min_lr_ratio", ob.min_lr_ratio, 0 <= ob.min_lr_ratio <= 1, "in [0, 1]"),
         ("optimizer.grad_clip", ob.grad_clip, ob.grad_clip >= 0, ">= 0 (0: off)"),
+    ]
+    return out + [
+        (f"optimizer.betas[{i}]", b, 0 <= b < 1, "in [0, 1)") for i, b in enumerate(ob.betas)
+    ]
+
+
+def _run_ranges(r: Recipe) -> list[Range]:
+    """The ranged keys of the run around it: data, train, run, model."""
+    d, t, run = r.data, r.train, r.run
+    at_least_1 = AT_LEAST_1
+    out = [
+        ("data.max_prompt_tokens", d.max_prompt_tokens, d.max_prompt_tokens >= 1, at_least_1),
+        ("data.max_answer_tokens", d.max_answer_tokens, d.max_answer_tokens >= 1, at_least_1),
         ("train.steps", t.steps, t.steps >= 1, at_least_1),
         ("train.questions_per_step", t.questions_per_step, t.questions_per_step >= 1, at_least_1),
         (
@@ -523,28 +540,18 @@ def _ranges(r: Recipe) -> list[tuple[str, Any, bool, str]]:
         ),
         ("train.seed", t.seed, 0 <= t.seed < MAX_SEED, f"in [0, {MAX_SEED})"),
         ("train.eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0: never)"),
-        ("train.eval_questions", t.eval_questions, t.eval_questions >= 1, at_least_1),
+        ("train.eval_questions", t.eval_questions, t.eval_questions >= 0, ">= 0 (0: all)"),
         ("train.eval_samples", t.eval_samples, t.eval_samples >= 1, at_least_1),
         ("train.collapse_fraction", t.collapse_fraction, 0 < t.collapse_fraction < 1, "in (0, 1)"),
         ("run.dir", run.dir, bool(run.dir.strip()), "a directory path, not empty"),
         ("run.save_every", run.save_every, run.save_every >= 1, at_least_1),
         ("run.keep_checkpoints", run.keep_checkpoints, run.keep_checkpoints >= 0, ">= 0 (0: all)"),
         ("run.samples_every", run.samples_every, run.samples_every >= 0, ">= 0 (0: never)"),
-        ("run.log_every", run.log_every, run.log_every >= 1, at_least_1),
+        ("run.log_every", run.log_every, run.log_every >= 0, ">= 0 (0 and 1: every step)"),
     ]
-    out += [(f"optimizer.betas[{i}]", b, 0 <= b < 1, "in [0, 1)") for i, b in enumerate(ob.betas)]
     if r.model.quantize != "none":  # auto quantizes on Metal and CUDA
         size = r.model.group_size
         out.append(("model.group_size", size, size in GROUP_SIZES, "32, 64 or 128 when quantizing"))
-    for key in (
-        "question_field",
-        "answer_field",
-        "prompt_field",
-        "completion_field",
-        "messages_field",
-    ):
-        value = getattr(d, key)
-        out.append((f"data.{key}", value, bool(value), "a field name, not empty"))
     return out
 
 

@@ -110,14 +110,8 @@ class RunDir:
         return self.checkpoints / f"step_{step:06d}"
 
     def list_checkpoints(self) -> list[int]:
-        if not self.checkpoints.is_dir():
-            return []
-        steps = []
-        for p in self.checkpoints.iterdir():
-            m = _STEP_DIR.match(p.name)
-            if m and (p / STATE_FILE).exists():
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+        """The steps of the checkpoints that finished writing (their state.json exists)."""
+        return [s for s in self.step_dirs() if (self.checkpoint_dir(s) / STATE_FILE).exists()]
 
     def latest_checkpoint(self) -> int | None:
         steps = self.list_checkpoints()
@@ -220,14 +214,29 @@ class RunDir:
             why = write_error_text(err, self.root)
             raise NrtError(f"run.dir {self.root}: cannot write in it: {why}") from None
 
+    def refuse_trained(self) -> None:
+        """Refuse to start a run over one that has trained (a checkpoint, adapters or metrics)."""
+        logged = self.metrics.exists() and self.metrics.stat().st_size > 0
+        if (
+            self.latest_checkpoint() is not None
+            or logged
+            or (self.adapters / ADAPTER_WEIGHTS).exists()
+        ):
+            raise NrtError(
+                f"run.dir {self.root} already holds a trained run: continue it with "
+                f"'nrt-mlx train --resume {self.root}' (it needs a checkpoint), or set run.dir "
+                "to a new directory"
+            )
+
     def _refuse_foreign(self) -> None:
         """A new run may use a missing or empty directory, or one nrt-mlx marked; an unmarked run
-        of an earlier nrt-mlx (metrics.jsonl, checkpoints/) is left to the 'holds a run' check."""
+        of an earlier nrt-mlx (metrics.jsonl, checkpoints/, adapters/) is refused by refuse_trained."""
         if not self.root.exists() or self.mark.exists():
             return
         if not self.root.is_dir():
             raise NrtError(f"run.dir {self.root}: exists and is not a directory")
-        if self.metrics.exists() or self.checkpoints.exists():
+        self.refuse_trained()
+        if self.checkpoints.exists():
             return
         # Hidden files (.DS_Store, a lock file) are no one's work.
         names = sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))

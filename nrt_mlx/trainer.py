@@ -41,7 +41,7 @@ from nrt_mlx import marker
 from nrt_mlx.batch import Batch, build_rows, collate, sft_rows
 from nrt_mlx.data import Dataset, Example, drop_long, load_jsonl
 from nrt_mlx.errors import NrtError
-from nrt_mlx.model import LoadedModel, adapter_config, add_adapters, load_model
+from nrt_mlx.model import ADAPTER_WEIGHTS, LoadedModel, adapter_config, add_adapters, load_model
 from nrt_mlx.objective import (
     Rewards,
     default_normalizer,
@@ -193,13 +193,8 @@ def prepare(recipe: Recipe, resume: bool = False, trust_remote_code: bool = Fals
     enough (``recipe.with_remote_code``).
     """
     run = RunDir(Path(recipe.run.dir))
-    if not resume and (
-        run.latest_checkpoint() is not None or (run.metrics.exists() and run.metrics.stat().st_size)
-    ):
-        raise NrtError(
-            f"run.dir {run.root} already holds a run: continue it with "
-            f"'nrt-mlx train --resume {run.root}', or set run.dir to a new directory"
-        )
+    if not resume:
+        run.refuse_trained()
     check_training(recipe)
     recipe.model = with_remote_code(recipe.model, trust_remote_code, "recipe")
     train_data = load_jsonl(recipe.data.train, recipe.data, "data.train")
@@ -605,7 +600,7 @@ def resume(
     to. The learning-rate schedule is recomputed for the new recipe (see recipes/reference.yaml).
     A refused override, or any error before training starts, leaves the run directory untouched.
     """
-    run = RunDir(Path(run_dir)).check()
+    run = RunDir(Path(run_dir).expanduser().absolute()).check()
     # Refusals first, before the lock and the recovery touch anything.
     _resume_recipes(run, run.latest_checkpoint() or 0, overrides, trust_remote_code)
     with run.lock():  # one process per run directory, released however the process ends
@@ -635,6 +630,12 @@ def _resume_locked(
     run: RunDir, quiet: bool, overrides: list[str] | None, trust_remote_code: bool
 ) -> Path:
     step = run.recover()  # the newest intact checkpoint (0: none yet), damaged ones warned of
+    if step == 0 and (run.adapters / ADAPTER_WEIGHTS).exists():
+        # A trained run whose checkpoints were removed: starting it over would replace its adapters.
+        raise NrtError(
+            f"{run.root}: has adapters/ but no checkpoint to resume from (were checkpoints/ "
+            "removed?); nrt-mlx will not train over them: start a new run in another directory"
+        )
     saved, recipe, entries = _resume_recipes(run, step, overrides, trust_remote_code)
     try:
         session = prepare(recipe, resume=True, trust_remote_code=trust_remote_code)

@@ -365,3 +365,18 @@ def test_forward_chunking_does_not_change_the_numbers(model_and_vocab):
     row_by_row = evaluate(model, vocab, EXAMPLES, replace(cfg, batch_tokens=1))
     for key, value in one_batch.summary.items():
         assert row_by_row.summary[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_a_report_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from nrt_mlx import evaluate as ev
+    from nrt_mlx.evaluate import EvalReport
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ev, "atomic_write_text", full)
+    with pytest.raises(NrtError, match=r"report.json: could not write the report \("):
+        EvalReport({"questions": 1.0}, []).to_json(tmp_path / "report.json")

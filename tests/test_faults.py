@@ -513,3 +513,27 @@ def test_every_file_and_directory_is_fsynced_around_each_rename(tmp_path, disk_e
     fileio.append_jsonl(tmp_path / "log.jsonl", {"step": 2})
     log = str(tmp_path / "log.jsonl")
     assert disk_events == [("sync", log), ("sync", parent), ("sync", log)]  # new file: its dir too
+
+
+@pytest.mark.parametrize("code, reported", [(errno.EIO, True), (errno.ENOTSUP, False)])
+def test_a_failing_full_fsync_is_reported_unless_unsupported(tmp_path, monkeypatch, code, reported):
+    """macOS's F_FULLFSYNC: a file system without it falls back to fsync; a real write error
+    (EIO, ENOSPC) must reach the user, not be swallowed by the fallback."""
+    import fcntl
+
+    from nrt_mlx import fileio
+
+    monkeypatch.setattr(fcntl, "F_FULLFSYNC", 51, raising=False)
+
+    def full_fsync(fd, cmd, *args):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "fcntl", full_fsync)
+    path = tmp_path / "f"
+    path.write_text("x")
+    if reported:
+        with pytest.raises(OSError) as err:
+            fileio.fsync_file(path)
+        assert err.value.errno == code
+    else:
+        fileio.fsync_file(path)  # fell back to os.fsync

@@ -408,3 +408,36 @@ def test_gguf_export_of_quantized_base_needs_dequantize(
     )
     assert code == 2 and err.count("\n") == 1 and "add --dequantize" in err
     assert not (tmp_path / "g").exists()
+
+
+def test_finder_files_do_not_block_replacing_an_earlier_fuse(
+    tiny_run_factory, tmp_path: Path
+) -> None:
+    run = tiny_run_factory()
+    out = fuse_run(run, tmp_path / "fused")
+    (out / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # Finder opened the folder
+    (out / "._config.json").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble on an exFAT drive
+    assert fuse_run(run, out, checkpoint=10) == out  # replaced, not refused
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(NrtError, match=r"notes\.txt"):
+        fuse_run(run, out)  # a real user file still stops it
+
+
+def test_unwritable_outputs_are_one_line_and_leave_nothing(
+    tiny_run_factory, tmp_path: Path, monkeypatch
+):
+    run = tiny_run_factory()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NrtError, match=r"afile/out: could not write the output"):
+        fuse_run(run, tmp_path / "afile" / "out")
+
+    import mlx_lm.utils
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[write] Unable to write 4096 bytes to file.")
+
+    monkeypatch.setattr(mlx_lm.utils, "save_model", full_disk)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(NrtError, match=r"out2: could not write the output \("):
+        fuse_run(run, tmp_path / "out2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary folder left

@@ -275,3 +275,44 @@ def test_the_resume_command_is_quoted_for_a_shell(tmp_path):
         f"start the run again with: nrt-mlx train --resume '{tmp_path}/my run' --set "
         "train.steps=9 --set 'data.system_prompt=Be brief' --trust-remote-code"
     )
+
+
+# ---- what a review found: trained work is never started over or marked by a refused command ----
+
+
+def test_a_run_whose_checkpoints_were_removed_is_not_trained_over(run, monkeypatch, capsys):
+    shutil.rmtree(run / "checkpoints")  # freeing disk after the run finished
+    before = files(run)
+    code, _, err = resume(monkeypatch, capsys, run, "--set", "train.steps=4")
+    assert code == 2 and "has adapters/ but no checkpoint to resume from" in err
+    assert files(run) == before  # adapters and metrics as they were
+
+
+def test_a_new_run_over_a_trained_directory_is_refused_without_touching_it(
+    run, tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    (run / ".nrt-mlx-run").unlink()  # as a run written before the marker existed
+    before = files(run)
+    recipe = write_recipe(
+        tmp_path, tiny_recipe(tmp_path, tiny_model_dir, run={"dir": str(run)}), "again"
+    )
+    code, _, err = run_cli(monkeypatch, capsys, "train", recipe, "--quiet")
+    assert code == 2 and "already holds a trained run" in err
+    assert files(run) == before and not (run / ".nrt-mlx-run").exists()
+
+
+def test_values_earlier_versions_accepted_still_load(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"train": {"eval_questions": 0}, "run": {"log_every": 0}}))
+    recipe = load_recipe(path, saved_run=True)  # 0 meant "all questions" / "every step"
+    assert (recipe.train.eval_questions, recipe.run.log_every) == (0, 0)
+
+
+def test_run_dir_expands_home_and_is_saved_absolute(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"run": {"dir": "~/runs/a"}}))
+    assert load_recipe(path).run.dir == str(tmp_path / "home" / "runs" / "a")
+    path.write_text(yaml.safe_dump({"run": {"dir": "runs/b"}}))
+    assert load_recipe(path).run.dir == str(tmp_path / "runs" / "b")

@@ -160,7 +160,7 @@ def test_refuses_to_overwrite_a_run_and_bad_input_is_one_line(tmp_path, tiny_mod
     cli("train", str(recipe), "--quiet")
     exe = [sys.executable, "-m", "nrt_mlx.cli"]
     cases = [
-        (["train", str(recipe), "--quiet"], "already holds a run"),
+        (["train", str(recipe), "--quiet"], "already holds a trained run"),
         (["train", str(recipe), "--set", "train.stepz=2"], "did you mean 'steps'"),
         (["train", str(tmp_path / "missing.yaml")], "recipe file not found"),
         (["train", "--resume", str(tmp_path / "nothing")], "no such run directory"),

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from nrt_mlx.errors import NrtError
 from nrt_mlx.export.gguf import QUANT_GROUP_SIZE, GGUFFile, load_tensors, read_gguf
-from nrt_mlx.export.manifest import OutputKind, check_output_dir, finish_output_dir
-from nrt_mlx.fileio import atomic_dir
+from nrt_mlx.export.manifest import OutputKind, check_output_dir, write_output_dir
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_SHARD_BYTES = 5 * 1024**3  # mlx-lm's shard size
@@ -99,17 +97,15 @@ def convert_gguf(
         config["quantization_config"] = config["quantization"]
     config["torch_dtype"] = dtype
     config[CONVERTED_KEY] = Path(gguf_path).name
-    tmp, commit = atomic_dir(out_dir)
-    try:
+
+    def fill(tmp: Path) -> None:
         save_weights(tmp, weights)
         _write_json(tmp / "config.json", config)
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         _write_json(tmp / "special_tokens_map.json", _special_tokens_map(tokenizer_config))
-        return finish_output_dir(tmp, out_dir, CONVERT_OUTPUT, commit)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    return write_output_dir(Path(out_dir), CONVERT_OUTPUT, fill)
 
 
 # config.json key naming the source GGUF: marks a conversion of nrt-mlx 0.1 (no manifest).

@@ -24,8 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from nrt_mlx import marker
 from nrt_mlx.errors import NrtError, first_line
-from nrt_mlx.export.manifest import OutputKind, check_output_dir, finish_output_dir
-from nrt_mlx.fileio import atomic_dir
+from nrt_mlx.export.manifest import OutputKind, check_output_dir, write_output_dir
 from nrt_mlx.model import LoadedModel, apply_adapters, load_trained_base
 from nrt_mlx.recipe import Recipe, with_remote_code
 from nrt_mlx.rundir import RunDir, read_adapter_config
@@ -92,17 +91,13 @@ def fuse_run(
     config = fused_config(loaded, dequantize)
     restore_checkpoint_dtype(loaded.model, loaded.local_path)
 
-    tmp, commit = atomic_dir(out)
-    try:
+    def fill(tmp: Path) -> None:
         write_model_dir(tmp, loaded, config)
         gguf_file = write_gguf(tmp, loaded.model, config) if export_gguf else None
-        _write_card(
-            tmp, run, recipe, adapter_cfg, step, loaded, config, repo_id or out.name, gguf_file
-        )
-        return finish_output_dir(tmp, out, FUSE_OUTPUT, commit)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        name = repo_id or out.name
+        _write_card(tmp, run, recipe, adapter_cfg, step, loaded, config, name, gguf_file)
+
+    return write_output_dir(out, FUSE_OUTPUT, fill)
 
 
 # ---- the output directory ----------------------------------------------------------------------

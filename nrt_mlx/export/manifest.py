@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -21,10 +22,11 @@ from pathlib import Path
 
 from nrt_mlx import __version__
 from nrt_mlx.errors import NrtError
-from nrt_mlx.fileio import aside
+from nrt_mlx.fileio import aside, atomic_dir, write_error_text
 
 MANIFEST = ".nrt-mlx-manifest.json"
 SHOWN = 3  # files named in a refusal
+JUNK = {".DS_Store", "Thumbs.db", "desktop.ini"}  # files operating systems drop into folders
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,27 @@ def check_output_dir(out: Path, output: OutputKind) -> None:
     )
 
 
+def write_output_dir(out: Path, output: OutputKind, fill: Callable[[Path], None]) -> Path:
+    """Write a complete output folder at ``out`` through a temporary folder that ``fill`` writes
+    into; a failed write (a file where a folder should be, a full disk) is one line, and leaves
+    nothing behind."""
+    tmp: Path | None = None
+    try:
+        tmp, commit = atomic_dir(out)
+        fill(tmp)
+        return finish_output_dir(tmp, out, output, commit)
+    except (OSError, RuntimeError) as err:  # mlx's writer raises RuntimeError("[write] ...")
+        if isinstance(err, RuntimeError) and "write" not in str(err).lower():
+            raise
+        where = out.parent if out.parent.is_dir() else Path.cwd()
+        raise NrtError(
+            f"{out}: could not write the output ({write_error_text(err, where)})"
+        ) from None
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def finish_output_dir(tmp: Path, out: Path, output: OutputKind, commit: Callable[[], Path]) -> Path:
     """Write the manifest and umask permissions into ``tmp``, then move it into place at ``out``.
 
@@ -143,6 +166,8 @@ def _foreign(out: Path, is_ours: Callable[[str], bool] | None) -> tuple[list[str
     whether there are more. Stops early: ``out`` may be a large directory given by mistake."""
     foreign: list[str] = []
     for name in _walk(out):
+        if Path(name).name in JUNK or Path(name).name.startswith("._"):
+            continue  # what Finder and exFAT drives leave behind is no one's work
         if is_ours is None or not is_ours(name):
             if len(foreign) == SHOWN:
                 return foreign, True
