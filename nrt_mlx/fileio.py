@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -332,10 +333,17 @@ def _locked_file(path: Path, busy: Callable[[str], str]) -> IO[str]:
             f.close()
             raise NrtError(busy(holder)) from None
         except OSError as err:
-            f.close()
-            raise NrtError(
-                f"{path}: cannot lock it ({err.strerror}); is it on a file system without locks?"
-            ) from None
+            if err.errno not in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                f.close()
+                raise NrtError(f"{path}: cannot lock it ({err.strerror})") from None
+            # A network or FUSE file system without locks: training there is still the user's
+            # call; say what is not guarded rather than refuse.
+            print(
+                f"warning: {path.parent}: this file system has no locks ({err.strerror}); nothing "
+                "stops a second nrt-mlx process from training this run at the same time",
+                file=sys.stderr,
+            )
+            return f
         try:
             if os.path.samestat(os.stat(path), os.fstat(f.fileno())):
                 return f

@@ -537,3 +537,27 @@ def test_a_failing_full_fsync_is_reported_unless_unsupported(tmp_path, monkeypat
         assert err.value.errno == code
     else:
         fileio.fsync_file(path)  # fell back to os.fsync
+
+
+def test_a_file_system_without_locks_warns_and_trains(tmp_path, monkeypatch, capsys):
+    """NFS without lockd, some SMB/FUSE mounts: flock fails with ENOLCK; the run goes on."""
+    import fcntl
+
+    from nrt_mlx.rundir import RunDir
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with RunDir(tmp_path / "run").claim():
+        assert (tmp_path / "run").is_dir()
+    err = capsys.readouterr().err
+    assert "has no locks" in err and len(err.strip().splitlines()) == 1
+
+    def broken(f, op):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(fcntl, "flock", broken)
+    with pytest.raises(NrtError, match="cannot lock it"):
+        with RunDir(tmp_path / "run").lock():
+            pass
