@@ -34,6 +34,11 @@ UNTRAINED_NORM_RATIO = 0.1
 def _row(module: nn.Module, idx: int) -> mx.array:
     """Row ``idx`` of an embedding or linear weight [V, D], dequantized if needed, float32."""
     w = module.weight[idx : idx + 1]
+    if getattr(module, "mode", "affine") != "affine":
+        raise NrtError(
+            f"rollout.marker_rows: eos: the base is quantized in mode '{module.mode}', whose rows "
+            "nrt-mlx cannot copy yet; use an affine-quantized or dense base, or marker_rows: keep"
+        )
     if isinstance(module, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
         scales, biases = module.scales[idx : idx + 1], module.biases[idx : idx + 1]
         w = mx.dequantize(w, scales, biases, module.group_size, module.bits)
@@ -82,7 +87,14 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
             f"rollout.marker_rows: eos: {type(model).__module__} has no model.embed_tokens to "
             "give the marker EOS's rows; set rollout.marker_rows: keep or a text rollout.marker"
         )
-    return inner, getattr(model, "lm_head", None)
+    head = getattr(model, "lm_head", None)
+    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", head is None)
+    if head is None and not tied:  # e.g. an output layer named otherwise (llama4's `output`)
+        raise NrtError(
+            f"rollout.marker_rows: eos: {type(model).__module__} has untied embeddings but no "
+            "lm_head to give the marker EOS's output row; set rollout.marker_rows: keep"
+        )
+    return inner, head
 
 
 def install(model: nn.Module, marker_id: int, source_id: int) -> None:

@@ -110,8 +110,9 @@ class MarkerWatch:
         self.vocab = vocab
         self.id = vocab.marker.ids[0] if vocab.marker.is_special else None
         self.text = vocab.marker.text
-        # Tokens whose text can hold the marker: every token adds at least one character.
-        self.window = len(self.text) + 2
+        # Tokens whose text can hold the marker: every token adds at least one byte (byte-level
+        # BPE spells a CJK character in up to four tokens).
+        self.window = len(self.text.encode("utf-8")) + 2
 
     def _tail(self, seq: list[int]) -> str:
         return self.vocab.decode(seq[-self.window :])
@@ -176,8 +177,8 @@ def sample_traces(
         think = watch.think(seq, budget) if watch.written(seq) else None
         if think is not None:
             traces.append(Trace(think, True))
-        elif seq[-1] in stop:
-            traces.append(Trace(seq[:-1], False))
+        elif seq[-1] in stop:  # a row let past the budget by a marker begun there is cut to it
+            traces.append(Trace(seq[:-1][:budget], False))
         else:
             traces.append(Trace(seq[:budget], False))
     k = cfg.samples

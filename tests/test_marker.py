@@ -274,3 +274,46 @@ def test_rows_of_a_quantized_model_start_as_eos_and_bake_into_its_packed_rows(ti
     np.testing.assert_allclose(
         np.array(other[0]) * 1.3, np.array(want["model.embed_tokens.marker_row"]), atol=1e-5
     )
+
+
+def test_a_marker_spelled_in_byte_tokens_is_found(tiny_model_dir):
+    _, tok = mlx_lm.load(str(tiny_model_dir))
+    vocab = Vocabulary.of(tok, "\n答案:\n")  # CJK: several byte-level tokens per character
+    assert len(vocab.marker.ids) > len(vocab.marker.text) + 2
+    seq = tok.encode("the city is Paris") + vocab.marker.ids
+    watch = MarkerWatch(vocab)
+    assert watch.written(seq) and watch.think(seq, 100) == tok.encode("the city is Paris")
+
+
+def test_a_trace_is_never_longer_than_the_think_budget(tiny_model_dir):
+    """A row let past the budget by a text marker begun there, then ended by a stop token, is cut
+    to the budget like any other row that did not write the marker."""
+    model, tok = mlx_lm.load(str(tiny_model_dir))
+    prompt = tok.encode("why is the sky blue")
+    base = replace(Vocabulary.of(tok), eos_ids=frozenset({-1}), special_ids=frozenset())
+    never = replace(base, marker=AnswerMarker("\x00", [1, 1], False))
+    free = RolloutConfig(samples=1, max_think_tokens=8, temperature=1e-4)
+    [[run]], _ = sample_traces(model, [prompt], free, never, mx.random.key(0))
+    g = run.tokens  # what the model writes, nearly greedily
+    # A marker whose text the row begins at the budget (4) and goes on writing for one more token,
+    # then a stop token: the row runs two tokens past the budget before it ends.
+    text = tok.decode(g[3:5]) + "\x00"
+    vocab = replace(base, marker=AnswerMarker(text, [1, 1], False), eos_ids=frozenset({g[5]}))
+    cold = replace(free, max_think_tokens=4)
+    [[trace]], stats = sample_traces(model, [prompt], cold, vocab, mx.random.key(0))
+    assert stats.tokens == 6 and not trace.emitted_marker  # it did run past the budget
+    assert trace.tokens == g[:4]
+
+
+def test_bases_quantized_in_other_modes_are_refused_with_a_route(tiny_model_dir):
+    import mlx.nn as nn
+
+    model, tok = mlx_lm.load(str(tiny_model_dir))
+    try:
+        nn.quantize(model, group_size=32, bits=4, mode="mxfp4")
+    except (TypeError, ValueError):
+        pytest.skip("this mlx has no mxfp4 mode")  # pragma: no cover
+    model.freeze()
+    with pytest.raises(Exception) as err:
+        marker.setup(model, Vocabulary.of(tok), "eos")
+    assert "marker_rows: keep" in str(err.value)

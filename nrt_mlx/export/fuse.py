@@ -86,8 +86,13 @@ def fuse_run(
     if export_gguf:
         check_gguf_exportable(loaded, dequantize)
     apply_adapters(loaded.model, adapter_dir)
-    marker.bake(loaded.model)  # the trained marker rows go into the embedding and output matrices
+    # The trained marker rows go into the embedding and output matrices: after dequantizing when
+    # the output is dense (the row stays exact), before fusing otherwise (into the packed rows).
+    if not dequantize:
+        marker.bake(loaded.model)
     fuse_adapters(loaded.model, dequantize)
+    if dequantize:
+        marker.bake(loaded.model)
     config = fused_config(loaded, dequantize)
     restore_checkpoint_dtype(loaded.model, loaded.local_path)
 
