@@ -120,6 +120,7 @@ class Batch:
     null_row: mx.array  # [B] int32: the null-think row of the row's question (0 without one)
     num_tokens: int  # real (unpadded) tokens, for throughput figures
     think_tokens: int  # tokens of the traces z_k in the rows
+    response_width: int  # longest [z | m | y* EOS] of a trace row (the released loss's W)
     trace_rows: int  # rows that are not null-think rows
     # [B, L] log p_old(tokens) under the weights that sampled the batch: set for several updates
     # per rollout (objective.reference_pass), it turns on the clipped ratio.
@@ -185,5 +186,8 @@ def collate(rows: list[Row], pad_id: int) -> Batch:
         null_row=mx.array(null_row),
         num_tokens=sum(len(r.tokens) for r in rows),
         think_tokens=int((segments == THINK).sum()),
+        response_width=max(
+            (sum(s != PROMPT for s in r.segments) for r in rows if not r.is_null), default=0
+        ),
         trace_rows=sum(not r.is_null for r in rows),
     )

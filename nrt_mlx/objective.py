@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
-from nrt_mlx.batch import ANSWER, MARKER, THINK, Batch
+from nrt_mlx.batch import MARKER, THINK, Batch
 from nrt_mlx.errors import NrtError
 from nrt_mlx.recipe import ObjectiveConfig, Recipe
 
@@ -331,15 +330,9 @@ def default_normalizer(recipe: Recipe) -> float | None:
 
 
 def response_width(batches: list[Batch]) -> int:
-    """W: the longest response [z | m | y* EOS] among the trace rows of ``batches`` (host arrays
-    read once per step, outside the loss): the width the released code pads a rollout's responses
-    to."""
-    width = 0
-    for b in batches:
-        segments = np.array(b.segments)
-        response = np.isin(segments, (THINK, MARKER, ANSWER)).sum(axis=1)
-        width = max(width, int(response[~np.array(b.is_null)].max(initial=0)))
-    return width
+    """W: the longest response [z | m | y* EOS] among the trace rows of ``batches`` (counted on
+    the host when they were collated): the width the released code pads a rollout's responses to."""
+    return max((b.response_width for b in batches), default=0)
 
 
 def released_normalizer(width: int) -> float:

@@ -34,6 +34,7 @@ def run_quickstart(
 ) -> Path:
     """Train the quickstart recipe on the default model; returns the run directory."""
     from nrt_mlx.export.default_model import default_model_dir
+    from nrt_mlx.trainer import ready_to_train
 
     path = Path(recipe_path) if recipe_path else DEFAULT_RECIPE
     if not path.exists():
@@ -48,6 +49,7 @@ def run_quickstart(
         )
         recipe.model.path = str(default_model_dir())
     recipe.run.dir = str(_fresh_run_dir(Path(recipe.run.dir)))
+    ready_to_train(recipe, False, str(path))
     with RunDir(Path(recipe.run.dir)).claim():  # held for the whole run, as `train` does
         return _train_and_report(recipe, quiet, eval_questions)
 

@@ -197,6 +197,7 @@ class RunDir:
         try:
             with self.lock():
                 self._refuse_foreign()  # again under the lock: another process may have written
+                self.refuse_trained()  # a run of ours that trained: it is resumed, not restarted
                 if not self.mark.exists():
                     self._write_mark()
                 yield self
@@ -230,7 +231,8 @@ class RunDir:
 
     def _refuse_foreign(self) -> None:
         """A new run may use a missing or empty directory, or one nrt-mlx marked; an unmarked run
-        of an earlier nrt-mlx (metrics.jsonl, checkpoints/, adapters/) is refused by refuse_trained."""
+        of an earlier nrt-mlx (metrics.jsonl, checkpoints/, adapters/) is refused by refuse_trained
+        (a marked one too, under the lock: ``claim``)."""
         if not self.root.exists() or self.mark.exists():
             return
         if not self.root.is_dir():

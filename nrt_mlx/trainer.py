@@ -186,17 +186,18 @@ def check_training(recipe: Recipe) -> None:
         )
 
 
-def prepare(recipe: Recipe, resume: bool = False, trust_remote_code: bool = False) -> Session:
-    """Load data, model and adapters, and create the optimizer and run directory.
-
-    ``trust_remote_code``: the command line's --trust-remote-code; the recipe's own value is never
-    enough (``recipe.with_remote_code``).
-    """
-    run = RunDir(Path(recipe.run.dir))
-    if not resume:
-        run.refuse_trained()
+def ready_to_train(recipe: Recipe, trust_remote_code: bool, source: str) -> None:
+    """The refusals of a recipe that loads but must not train as it is (``check_training``, and
+    model code from the Hub without the command line's --trust-remote-code): made before the run
+    directory is locked or created, so that a refused command leaves it as it was."""
     check_training(recipe)
-    recipe.model = with_remote_code(recipe.model, trust_remote_code, "recipe")
+    recipe.model = with_remote_code(recipe.model, trust_remote_code, source)
+
+
+def prepare(recipe: Recipe) -> Session:
+    """Load data, model and adapters, and create the optimizer, for a recipe ``ready_to_train``
+    accepted, in a run directory its caller holds (``RunDir.claim`` or ``RunDir.lock``)."""
+    run = RunDir(Path(recipe.run.dir))
     train_data = load_jsonl(recipe.data.train, recipe.data, "data.train")
     valid_data = (
         load_jsonl(recipe.data.valid, recipe.data, "data.valid") if recipe.data.valid else None
@@ -560,10 +561,10 @@ def interrupted_message(
     )
 
 
-def start_run(recipe: Recipe, trust_remote_code: bool = False) -> Session:
+def start_run(recipe: Recipe) -> Session:
     """Prepare a new run and write its run directory's resolved recipe."""
     recipe.run.overrides = []  # a record of another run's resumes (e.g. a model card's recipe)
-    session = prepare(recipe, trust_remote_code=trust_remote_code)
+    session = prepare(recipe)
     session.run.root.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, session.run.recipe)
     return session
@@ -571,12 +572,11 @@ def start_run(recipe: Recipe, trust_remote_code: bool = False) -> Session:
 
 def train(recipe: Recipe, quiet: bool = False, trust_remote_code: bool = False) -> Path:
     """Start a new run as the recipe says; returns the run directory."""
-    check_training(recipe)  # refusals before the run directory is created
-    recipe.model = with_remote_code(recipe.model, trust_remote_code, "recipe")
+    ready_to_train(recipe, trust_remote_code, "recipe")  # before the run directory is created
     # One process per run directory, and never over files nrt-mlx did not write (rundir.claim).
     with RunDir(Path(recipe.run.dir)).claim():
         try:
-            session = start_run(recipe, trust_remote_code)
+            session = start_run(recipe)
         except KeyboardInterrupt:
             raise Interrupted(
                 "interrupted before training started: nothing to resume; run the same command again"
@@ -620,8 +620,7 @@ def _resume_recipes(
             f"--set train.steps={recipe.train.steps}: the run is already at step {step}; "
             f"give a number above {step}"
         )
-    check_training(recipe)
-    recipe.model = with_remote_code(recipe.model, trust_remote_code, str(run.recipe))
+    ready_to_train(recipe, trust_remote_code, str(run.recipe))
     recipe.run.dir = str(run.root)
     return saved, recipe, entries
 
@@ -638,7 +637,7 @@ def _resume_locked(
         )
     saved, recipe, entries = _resume_recipes(run, step, overrides, trust_remote_code)
     try:
-        session = prepare(recipe, resume=True, trust_remote_code=trust_remote_code)
+        session = prepare(recipe)
         if step:
             state = run.load_checkpoint(step, session.loaded.model, session.optimizer)
             session.position = state["position"]
@@ -671,9 +670,9 @@ def _reschedule(session: Session, saved: Recipe) -> None:
     """After a resume that changed the recipe: the rate of the next update from the recomputed
     schedule (the checkpoint holds the old schedule's), and a warning when the two differ."""
     update = session.optimizer.step
-    new = float(lr_schedule(session.recipe)(update))
-    old = float(lr_schedule(saved)(update))
-    session.optimizer.learning_rate = lr_schedule(session.recipe)(update)
+    rate = lr_schedule(session.recipe)(update)
+    new, old = float(rate), float(lr_schedule(saved)(update))
+    session.optimizer.learning_rate = rate
     if not math.isclose(new, old, rel_tol=1e-6):
         warn(
             f"the learning-rate schedule is recomputed for the resumed recipe: the next update's "

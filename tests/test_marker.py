@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from nrt_mlx import marker
 from nrt_mlx.cli import app
+from nrt_mlx.errors import NrtError
 from nrt_mlx.evaluate import load_for_eval
 from nrt_mlx.recipe import RolloutConfig, load_recipe
 from nrt_mlx.rollout import MarkerWatch, sample_traces
@@ -306,14 +307,14 @@ def test_a_trace_is_never_longer_than_the_think_budget(tiny_model_dir):
 
 
 def test_bases_quantized_in_other_modes_are_refused_with_a_route(tiny_model_dir):
+    """Microscaling modes (mxfp4, nvfp4: no biases) are not copied row by row yet: a one-line
+    refusal naming the way out. The mode is set on an affine-quantized model, so the check runs
+    whatever modes this mlx offers."""
     import mlx.nn as nn
 
     model, tok = mlx_lm.load(str(tiny_model_dir))
-    try:
-        nn.quantize(model, group_size=32, bits=4, mode="mxfp4")
-    except (TypeError, ValueError):
-        pytest.skip("this mlx has no mxfp4 mode")  # pragma: no cover
+    nn.quantize(model, group_size=32, bits=4)
+    model.model.embed_tokens.mode = "mxfp4"
     model.freeze()
-    with pytest.raises(Exception) as err:
+    with pytest.raises(NrtError, match=r"quantized in mode 'mxfp4'.*marker_rows: keep"):
         marker.setup(model, Vocabulary.of(tok), "eos")
-    assert "marker_rows: keep" in str(err.value)
