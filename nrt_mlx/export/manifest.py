@@ -137,8 +137,9 @@ def finish_output_dir(tmp: Path, out: Path, output: OutputKind, commit: Callable
 def apply_umask(directory: Path) -> None:
     """Give ``directory`` and everything in it the permissions the user's umask gives.
 
-    ``tempfile`` makes the directory 0700 and its files 0600 whatever the umask; a plain
-    ``mkdir``/``open`` would give 0777/0666 less the umask.
+    ``tempfile`` makes the directory 0700 and its files 0600, and mlx writes safetensors 0644,
+    whatever the umask; a plain ``mkdir``/``open`` would give 0777/0666 less the umask. (fileio
+    handles its own writes; this walk covers what other libraries wrote.)
     """
     umask = os.umask(0o022)
     os.umask(umask)
