@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 
 import mlx.core as mx
 import numpy as np
@@ -106,9 +107,25 @@ def sft_rows(
     return [_row(list(prompt), [], [], list(answer), question)]
 
 
+@dataclass(frozen=True)
+class Pass:
+    """Rows of a shared-prompt batch that run through the model together, padded to ``width``
+    continuation tokens; without ``grad`` their log-probs are constants of the loss (the
+    null-think rows: the loss uses them only under stop_gradient), so no backward runs for them."""
+
+    rows: mx.array  # [n] int32 rows of the batch
+    width: int
+    grad: bool
+
+
 @dataclass
 class Batch:
-    """Right-padded rows as MLX arrays: B rows, L tokens, T answer tokens (the longest answer)."""
+    """Right-padded rows as MLX arrays: B rows, L tokens, T answer tokens (the longest answer).
+
+    In the shared-prompt layout (``collate(share_prompt=True)``) ``tokens``, ``segments`` and
+    ``answer_positions`` hold each row's continuation after its prompt, and the prompts are held
+    once per question (``prompts``), for ``nrt_mlx.prefix``.
+    """
 
     tokens: mx.array  # [B, L] int32, right-padded with the pad id
     segments: mx.array  # [B, L] int32, PAD (-1) on padding
@@ -118,13 +135,19 @@ class Batch:
     is_null: mx.array  # [B] bool
     emitted_marker: mx.array  # [B] bool
     null_row: mx.array  # [B] int32: the null-think row of the row's question (0 without one)
-    num_tokens: int  # real (unpadded) tokens, for throughput figures
+    num_tokens: int  # tokens the model runs (unpadded), for throughput figures
     think_tokens: int  # tokens of the traces z_k in the rows
     response_width: int  # longest [z | m | y* EOS] of a trace row (the released loss's W)
     trace_rows: int  # rows that are not null-think rows
     # [B, L] log p_old(tokens) under the weights that sampled the batch: set for several updates
     # per rollout (objective.reference_pass), it turns on the clipped ratio.
     old_logprobs: mx.array | None = None
+    # The shared-prompt layout:
+    prompts: mx.array | None = None  # [Q, P] each question's prompt, left-padded
+    prompt_valid: mx.array | None = None  # [Q, P] bool: real prompt tokens
+    prompt_of_row: mx.array | None = None  # [B] int32: the row's question in `prompts`
+    passes: tuple[Pass, ...] = ()
+    unpermute: mx.array | None = None  # [B]: where row b is in the passes' concatenated output
 
 
 def _null_rows(rows: list[Row]) -> np.ndarray:
@@ -147,10 +170,8 @@ def _null_rows(rows: list[Row]) -> np.ndarray:
     return np.array([null_of.get(r.question, 0) for r in rows], dtype=np.int32)
 
 
-def collate(rows: list[Row], pad_id: int) -> Batch:
-    """Right-pad rows into a Batch, after checking what the objective relies on."""
-    if not rows:
-        raise NrtError("cannot collate an empty list of rows")
+def _check_rows(rows: list[Row]) -> list[list[int]]:
+    """Each row's answer positions, after checking the rows agree on their question's answer."""
     answers = []
     for i, row in enumerate(rows):
         if len(row.tokens) != len(row.segments) or not row.tokens:
@@ -164,17 +185,115 @@ def collate(rows: list[Row], pad_id: int) -> Batch:
             row.tokens[j] for j in where
         ]:
             raise NrtError(f"rows of question {row.question} carry different answer ids")
+    return answers
+
+
+def _split_prompts(rows: list[Row]) -> tuple[list[list[int]], list[int], list[Row]]:
+    """(each question's prompt, in order of first appearance; the index of each row's question
+    there; each row's continuation after the prompt)."""
+    prompts: dict[int, list[int]] = {}
+    body = []
+    for row in rows:
+        cut = next((j for j, s in enumerate(row.segments) if s != PROMPT), len(row.segments))
+        if cut == len(row.segments):
+            raise NrtError(f"a row of question {row.question} has nothing after its prompt")
+        if prompts.setdefault(row.question, row.tokens[:cut]) != row.tokens[:cut]:
+            raise NrtError(f"rows of question {row.question} carry different prompts")
+        body.append(dataclass_replace(row, tokens=row.tokens[cut:], segments=row.segments[cut:]))
+    order = {q: i for i, q in enumerate(prompts)}
+    return list(prompts.values()), [order[r.question] for r in rows], body
+
+
+# A further pass must save this share of the padded tokens of running the rows in one pass.
+PASS_SAVING = 0.125
+MAX_PASSES = 4
+
+
+def split_passes(lengths: Sequence[int]) -> list[list[int]]:
+    """Groups of row indices, longest rows first, each group padded to its own longest row: the
+    split into at most MAX_PASSES groups with the fewest padded tokens, where each group after the
+    first must save PASS_SAVING of the one-pass total (a pass costs a model call)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    if n == 0:
+        return []
+    penalty = PASS_SAVING * n * lengths[order[0]]
+    # best[k][j]: cost of rows order[j:] in k passes; a pass over order[j:i] costs (i - j) * len_j.
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(MAX_PASSES + 1)]
+    cut: list[list[int]] = [[n] * (n + 1) for _ in range(MAX_PASSES + 1)]
+    for k in range(MAX_PASSES + 1):
+        best[k][n] = 0.0
+    for k in range(1, MAX_PASSES + 1):
+        for j in range(n - 1, -1, -1):
+            for i in range(j + 1, n + 1):
+                cost = (i - j) * lengths[order[j]] + (penalty if j else 0.0) + best[k - 1][i]
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, MAX_PASSES + 1), key=lambda k: (best[k][0], k))
+    groups, j = [], 0
+    while j < n:
+        i = cut[k][j]
+        groups.append(order[j:i])
+        j, k = i, k - 1
+    return groups
+
+
+def _passes(body: list[Row]) -> tuple[tuple[Pass, ...], mx.array]:
+    """Trace rows in length groups (``split_passes``), then the null-think rows without gradient."""
+    trace = [i for i, r in enumerate(body) if not r.is_null]
+    null = [i for i, r in enumerate(body) if r.is_null]
+    groups = [
+        ([trace[i] for i in g], True) for g in split_passes([len(body[i].tokens) for i in trace])
+    ]
+    groups += [(null, False)] if null else []
+    passes = tuple(
+        Pass(mx.array(g, dtype=mx.int32), max(len(body[i].tokens) for i in g), grad)
+        for g, grad in groups
+    )
+    return passes, mx.array(np.argsort(np.concatenate([g for g, _ in groups])).astype(np.int32))
+
+
+def collate(rows: list[Row], pad_id: int, share_prompt: bool = False) -> Batch:
+    """Right-pad rows into a Batch, after checking what the objective relies on; with
+    ``share_prompt``, in the shared-prompt layout (each question's prompt once, the rows' tokens
+    after it)."""
+    if not rows:
+        raise NrtError("cannot collate an empty list of rows")
+    _check_rows(rows)
     null_row = _null_rows(rows)
-    big_l, big_t = max(len(r.tokens) for r in rows), max(1, max(len(a) for a in answers))
-    tokens = np.full((len(rows), big_l), pad_id, dtype=np.int32)
-    segments = np.full((len(rows), big_l), PAD, dtype=np.int32)
-    positions = np.zeros((len(rows), big_t), dtype=np.int32)
-    mask = np.zeros((len(rows), big_t), dtype=np.float32)
-    for b, row in enumerate(rows):
+    shared: dict = {}
+    body = rows
+    if share_prompt:
+        prompts, index, body = _split_prompts(rows)
+        width = max(len(p) for p in prompts)
+        padded = np.full((len(prompts), width), pad_id, dtype=np.int32)
+        for q, p in enumerate(prompts):
+            padded[q, width - len(p) :] = p
+        passes, unpermute = _passes(body)
+        shared = dict(
+            prompts=mx.array(padded),
+            prompt_valid=mx.array(
+                np.arange(width)[None] >= width - np.array([len(p) for p in prompts])[:, None]
+            ),
+            prompt_of_row=mx.array(np.array(index, dtype=np.int32)),
+            passes=passes,
+            unpermute=unpermute,
+        )
+    answers = [[j for j, s in enumerate(r.segments) if s == ANSWER] for r in body]
+    big_l, big_t = max(len(r.tokens) for r in body), max(1, max(len(a) for a in answers))
+    tokens = np.full((len(body), big_l), pad_id, dtype=np.int32)
+    segments = np.full((len(body), big_l), PAD, dtype=np.int32)
+    positions = np.zeros((len(body), big_t), dtype=np.int32)
+    mask = np.zeros((len(body), big_t), dtype=np.float32)
+    for b, row in enumerate(body):
         tokens[b, : len(row.tokens)] = row.tokens
         segments[b, : len(row.segments)] = row.segments
         positions[b, : len(answers[b])] = answers[b]
         mask[b, : len(answers[b])] = 1.0
+    # With a shared prompt the model runs each prompt once, less its last token, which starts
+    # every row's continuation instead.
+    run = sum(len(p) - 1 for p in prompts) if share_prompt else 0
     return Batch(
         tokens=mx.array(tokens),
         segments=mx.array(segments),
@@ -184,10 +303,11 @@ def collate(rows: list[Row], pad_id: int) -> Batch:
         is_null=mx.array(np.array([r.is_null for r in rows], dtype=bool)),
         emitted_marker=mx.array(np.array([r.emitted_marker for r in rows], dtype=bool)),
         null_row=mx.array(null_row),
-        num_tokens=sum(len(r.tokens) for r in rows),
+        num_tokens=run + sum(len(r.tokens) for r in body),
         think_tokens=int((segments == THINK).sum()),
         response_width=max(
             (sum(s != PROMPT for s in r.segments) for r in rows if not r.is_null), default=0
         ),
         trace_rows=sum(not r.is_null for r in rows),
+        **shared,
     )

@@ -19,7 +19,7 @@ import typer
 from nrt_mlx.errors import NrtError
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Native Reasoning Training on MLX: train, evaluate, fuse and share reasoning models.",
@@ -52,6 +52,38 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
     return register
 
 
+def version_text() -> str:
+    """``nrt-mlx X.Y.Z (mlx A, mlx-lm B)``: the versions installed, as bug reports need them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"nrt-mlx {installed('nrt-mlx')} (mlx {installed('mlx')}, mlx-lm {installed('mlx-lm')})"
+
+
+def _print_version(given: bool) -> None:
+    if given:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the versions of nrt-mlx, mlx and mlx-lm, and exit.",
+    ),
+) -> None:
+    pass
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
@@ -65,6 +97,27 @@ TRUST_HELP = (
     "Let the model run its own Python code from the Hub (tokenizer code). A recipe's "
     "model.trust_remote_code alone never does: it needs this flag."
 )
+
+
+# mlx-lm's option names are accepted beside nrt-mlx's where they mean the same (mlx_lm.generate:
+# --adapter-path, --max-tokens, --temp, --top-p, --seed): one option with two names, never two
+# options that could disagree.
+ADAPTER_NAMES = ("--adapter-path", "--adapter")
+ADAPTER_HELP = "RUN_DIR, RUN_DIR/checkpoints/step_N or an adapter dir (--adapter: the same)."
+MAX_THINK_NAMES = ("--max-think", "--max-tokens")
+TEMP_HELP = "Sampling temperature of the traces, > 0 (default: the run's, else 1.0)."
+TOP_P_HELP = "Nucleus (top-p) sampling of the traces, in (0, 1] (default: the run's, else 1.0)."
+
+
+def check_sampler(temp: float | None, top_p: float | None) -> None:
+    """Refuse sampler settings before loading the model, naming the option as typed."""
+    if temp is not None and temp <= 0:
+        raise NrtError(
+            f"--temp must be > 0, got {temp}: eval and score sample K traces (mlx-lm's --temp 0 "
+            "is greedy decoding, which would make the K traces identical)"
+        )
+    if top_p is not None and not 0 < top_p <= 1:
+        raise NrtError(f"--top-p must be in (0, 1], got {top_p}")
 
 
 def check_out_file(out: str, flag: str) -> Path:
@@ -95,9 +148,21 @@ def check_out_file(out: str, flag: str) -> Path:
 
 @command()
 def train(
-    recipe: str | None = typer.Argument(None, help="YAML recipe (see recipes/reference.yaml)."),
+    recipe: str | None = typer.Argument(
+        None, help="YAML recipe (see recipes/reference.yaml), or an mlx-lm LoRA config."
+    ),
+    config: str | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="An mlx-lm LoRA config (lora_config.yaml): mapped onto a recipe, which is printed "
+        "with a line per mlx-lm key, then trained. A recipe file is accepted too.",
+    ),
     set_: list[str] = typer.Option(
         [], "--set", help="Override a key: --set train.steps=10 (repeatable)."
+    ),
+    print_recipe: bool = typer.Option(
+        False, "--print-recipe", help="Print the recipe (resolved) and stop before training."
     ),
     resume: str | None = typer.Option(
         None, "--resume", help="Continue RUN_DIR from its latest checkpoint."
@@ -111,20 +176,34 @@ def train(
 
     --resume RUN_DIR --set KEY=VALUE changes a key from the run's next step on, recorded in RUN_DIR/recipe.yaml; keys that fix what the run saved (model, LoRA shape, marker, method, aggregator, mini_batches, updates_per_rollout) are refused.
     """
+    import yaml
+
     from nrt_mlx import trainer
+    from nrt_mlx.mlxlm_config import import_mlxlm_config, is_mlxlm_file
     from nrt_mlx.recipe import load_recipe, with_remote_code
 
+    if recipe and config:
+        fail("give either a recipe or --config FILE, not both")
+    recipe = recipe or config
     if resume:
-        if recipe:
-            fail("give either a recipe or --resume RUN_DIR, not both")
+        if recipe or print_recipe:
+            fail("--resume RUN_DIR takes no recipe, --config or --print-recipe")
         run_dir = trainer.resume(
             resume, quiet=quiet, overrides=set_, trust_remote_code=trust_remote_code
         )
     else:
         if not recipe:
             fail("missing recipe: nrt-mlx train RECIPE.yaml (or --resume RUN_DIR)")
-        loaded = load_recipe(recipe, set_)
+        if is_mlxlm_file(recipe):
+            imported = import_mlxlm_config(recipe, set_)
+            typer.echo(imported.report(recipe))
+            loaded = imported.recipe
+        else:
+            loaded = load_recipe(recipe, set_)
         loaded.model = with_remote_code(loaded.model, trust_remote_code, recipe)
+        if print_recipe:
+            typer.echo(yaml.safe_dump(loaded.to_dict(), sort_keys=False), nl=False)
+            return
         run_dir = trainer.train(loaded, quiet=quiet, trust_remote_code=trust_remote_code)
     typer.echo(f"adapters: {run_dir / 'adapters'}")
 
@@ -156,13 +235,37 @@ def doctor() -> None:
         typer.echo(f"{key:>14}: {value}")
 
 
+@command()
+def plan(
+    recipe: str = typer.Argument(..., help="YAML recipe (see recipes/reference.yaml)."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a key: --set rollout.samples=8 (repeatable)."
+    ),
+    config: str | None = typer.Option(
+        None, "--config", help="The model's config.json (or model dir, or .gguf) to plan with."
+    ),
+    backend: str | None = typer.Option(
+        None, "--backend", help="Plan for metal, cuda or cpu (default: this machine's)."
+    ),
+    memory_gb: float | None = typer.Option(
+        None, "--memory-gb", help="Memory to fit in (default: this machine's)."
+    ),
+) -> None:
+    """The peak memory RECIPE will need, term by term, before any weight is loaded."""
+    from nrt_mlx.plan import plan_text
+
+    typer.echo(plan_text(recipe, set_, config, backend, memory_gb))
+
+
 # ---- convert ---------------------------------------------------------------------------------
 
 
 @command()
 def convert(
     gguf: str = typer.Argument(
-        ..., metavar="MODEL.gguf", help="Llama-architecture GGUF file (F32/F16/Q4_0/Q4_1/Q8_0)."
+        ...,
+        metavar="MODEL.gguf",
+        help="GGUF file: Llama/Mistral, Qwen2, Qwen3; F32/F16/BF16, Q4_0-Q8_0, Q2_K-Q6_K (K-quants and BF16 need the gguf extra).",
     ),
     out_dir: str = typer.Argument(
         ...,
@@ -280,13 +383,15 @@ def eval_(
     model: str | None = typer.Option(
         None, "--model", help="Base model (default: the --adapter run's model)."
     ),
-    adapter: str | None = typer.Option(
-        None, "--adapter", help="RUN_DIR, RUN_DIR/checkpoints/step_N or adapter dir."
-    ),
+    adapter: str | None = typer.Option(None, *ADAPTER_NAMES, help=ADAPTER_HELP),
     samples: int = typer.Option(4, "--samples", help="Sampled traces per question (K)."),
     max_think: int | None = typer.Option(
-        None, "--max-think", help="Think-token limit (default: the run's, else 128)."
+        None,
+        *MAX_THINK_NAMES,
+        help="Token limit of each sampled trace (default: the run's, else 128).",
     ),
+    temp: float | None = typer.Option(None, "--temp", help=TEMP_HELP),
+    top_p: float | None = typer.Option(None, "--top-p", help=TOP_P_HELP),
     max_questions: int = typer.Option(
         0, "--max-questions", help="Evaluate the first N questions (0 = all)."
     ),
@@ -302,20 +407,37 @@ def eval_(
     no_generate: bool = typer.Option(
         False, "--no-generate", help="Skip the generated answers (likelihoods only)."
     ),
+    extract: str | None = typer.Option(
+        None,
+        "--extract",
+        help="Regex with one capture group: the answer the flexible match compares (default: "
+        "the run's train.eval_extract, else the final number if the reference is one, "
+        "else the first line).",
+    ),
     out: str = typer.Option("eval_report.json", "--out", help="Where to write the JSON report."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
-    """Answer NLL with and without reasoning, generated-answer EM/F1, accuracy on options, traces."""
+    """Answer NLL with and without reasoning, generated-answer EM (strict and flexible) and F1,
+    accuracy on options, traces."""
     from rich.console import Console
 
     from nrt_mlx.analysis.tables import eval_tables
     from nrt_mlx.data import load_jsonl
-    from nrt_mlx.evaluate import eval_config, evaluate, load_for_eval, run_rollout
+    from nrt_mlx.evaluate import (
+        compile_extract,
+        eval_config,
+        evaluate,
+        load_for_eval,
+        run_extract,
+        run_rollout,
+    )
     from nrt_mlx.recipe import DataConfig
     from nrt_mlx.rundir import find_adapters
     from nrt_mlx.vocab import Vocabulary
 
     check_out_file(out, "--out")  # before the evaluation, whose results it would lose
+    check_sampler(temp, top_p)
+    compile_extract(extract, "--extract")
     source = find_adapters(adapter) if adapter else None
     recipe = source.recipe if source else None
     # The run's data section: same field names and system prompt as in training.
@@ -324,11 +446,14 @@ def eval_(
         run_rollout(source),
         samples=samples,
         max_think_tokens=max_think,
+        temperature=temp,
+        top_p=top_p,
         max_questions=max_questions,
         max_answer_tokens=max_answer,
         seed=seed,
         marker=marker,
         generate=not no_generate,
+        extract=extract if extract is not None else run_extract(recipe),
     )
     loaded = load_for_eval(model, source, trust_remote_code=trust_remote_code)
     vocab = Vocabulary.of(loaded.tokenizer, cfg.rollout.marker)
@@ -345,16 +470,16 @@ def score(
     model: str | None = typer.Option(
         None, "--model", help="Base model (default: the --adapter run's model)."
     ),
-    adapter: str | None = typer.Option(
-        None, "--adapter", help="RUN_DIR, RUN_DIR/checkpoints/step_N or adapter dir."
-    ),
+    adapter: str | None = typer.Option(None, *ADAPTER_NAMES, help=ADAPTER_HELP),
     trace: list[str] = typer.Option(
         [], "--trace", help="A reasoning trace to score (repeatable); else sample."
     ),
     samples: int = typer.Option(4, "--samples", help="Traces to sample when no --trace is given."),
     max_think: int | None = typer.Option(
-        None, "--max-think", help="Think-token limit of sampled traces."
+        None, *MAX_THINK_NAMES, help="Token limit of each sampled trace."
     ),
+    temp: float | None = typer.Option(None, "--temp", help=TEMP_HELP),
+    top_p: float | None = typer.Option(None, "--top-p", help=TOP_P_HELP),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     marker: str | None = typer.Option(
         None, "--marker", help="Answer marker (default: the run's, else auto)."
@@ -367,16 +492,27 @@ def score(
 
     from nrt_mlx.analysis.token_rewards import token_rewards
     from nrt_mlx.evaluate import load_for_eval, run_rollout
+    from nrt_mlx.recipe import rollout_problem
     from nrt_mlx.rundir import find_adapters
     from nrt_mlx.vocab import Vocabulary
 
     if samples < 1:
         fail("--samples must be at least 1")
+    check_sampler(temp, top_p)
     source = find_adapters(adapter) if adapter else None
     loaded = load_for_eval(model, source, trust_remote_code=trust_remote_code)
     rollout = run_rollout(source)
-    given = {"samples": samples, "max_think_tokens": max_think, "marker": marker}
+    given = {
+        "samples": samples,
+        "max_think_tokens": max_think,
+        "temperature": temp,
+        "top_p": top_p,
+        "marker": marker,
+    }
     rollout = replace(rollout, **{k: v for k, v in given.items() if v is not None})
+    problem = rollout_problem(rollout, "score: ")
+    if problem:
+        fail(problem)
     vocab = Vocabulary.of(loaded.tokenizer, rollout.marker)
     report = token_rewards(loaded.model, vocab, question, answer, trace or None, rollout, seed)
     if as_json:

@@ -9,7 +9,10 @@ For each question x with reference y* (T tokens, EOS included) the model samples
     gain            = null_nll - trace_nll_mean       gain_best      = null_nll - trace_nll_best
 
 Then the model writes its own answer after each trace and the marker (greedy, up to
-``max_answer_tokens``), scored against the reference by normalised exact match and token F1.
+``max_answer_tokens``), scored against the reference by token F1 and by exact match twice, as
+lm-evaluation-harness's filters do: strict (the normalised whole answer) and flexible (an answer
+extracted from the text first: a regex's capture group, else the final number when the reference
+is a number, else the first line; see ``extract_answer``).
 With ``options`` (multiple choice) the pick is the option of highest likelihood, without a trace
 (log p(o | x, m)) and with the traces (log (1/K) sum_k p(o | x, z_k, m)), and the option closest
 (token F1) to each generated answer. The trace figures (length, marker rate, entropy per think
@@ -25,6 +28,7 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,7 @@ from nrt_mlx.data import Example
 from nrt_mlx.errors import NrtError
 from nrt_mlx.fileio import atomic_write_text, write_error_text
 from nrt_mlx.objective import answer_logprobs, forward
-from nrt_mlx.recipe import RolloutConfig, rollout_problem
+from nrt_mlx.recipe import Recipe, RolloutConfig, rollout_problem
 from nrt_mlx.rollout import Trace, greedy_answers, sample_traces
 from nrt_mlx.rundir import AdapterSource
 from nrt_mlx.stats import trace_stats
@@ -54,6 +58,7 @@ class EvalConfig:
     generate: bool = True  # also let the model write its own answer after each trace
     max_answer_tokens: int = 64
     batch_tokens: int = 2048  # padded tokens per forward pass (bounds the [B, L, V] logits)
+    extract: str = ""  # regex with one capture group for the flexible match; "": the default rule
 
     def to_dict(self) -> dict[str, Any]:
         """Flat settings for the report: the rollout's fields beside the others."""
@@ -71,6 +76,11 @@ def run_rollout(source: AdapterSource | None) -> RolloutConfig:
         return source.recipe.rollout
     marker = (source.marker if source is not None else None) or "auto"
     return RolloutConfig(max_think_tokens=EVAL_THINK_TOKENS, marker=marker)
+
+
+def run_extract(recipe: Recipe | None) -> str:
+    """The flexible match's extraction regex a run's recipe names ("" = the default rule)."""
+    return recipe.train.eval_extract if recipe is not None else ""
 
 
 def eval_config(rollout: RolloutConfig | None = None, **overrides: Any) -> EvalConfig:
@@ -130,6 +140,73 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+# ---- flexible match (lm-evaluation-harness's "flexible-extract" filter) --------------------------
+# The harness's gsm8k task scores one generation twice: "strict-match" needs the answer in the
+# format it asked for, "flexible-extract" takes the last number anywhere in the text (its regex with
+# group_select -1) and compares it after dropping "," "$" and a final "."; text that yields nothing
+# is "[invalid]", a miss. Here the strict figure is the whole normalised answer, the flexible one is
+# the answer found in the text.
+
+_NUMBER_IN_TEXT = re.compile(r"[-+]?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")
+_PLAIN_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+def number_value(text: str) -> Decimal | None:
+    """The number ``text`` is ("1,200", "$5", "12." included), or None if it is not just a number."""
+    plain = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    return Decimal(plain) if _PLAIN_NUMBER.fullmatch(plain) else None
+
+
+def compile_extract(pattern: str | None, where: str) -> re.Pattern | None:
+    """The user's extraction regex compiled, or None for the default rule ("" or None).
+
+    One capture group, so that what is compared is never ambiguous; a bad pattern is one line
+    naming ``where`` (the option or key it came from)."""
+    if not pattern:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise NrtError(f"{where} {pattern!r}: not a valid regular expression ({err})") from None
+    if compiled.groups != 1:
+        raise NrtError(
+            f"{where} {pattern!r}: needs exactly one capture group (it has {compiled.groups}), "
+            "the part to compare, e.g. 'answer is (.+)'; use (?:...) for other groups"
+        )
+    return compiled
+
+
+def extract_answer(text: str, reference: str, pattern: re.Pattern | None = None) -> str | None:
+    """The answer inside a generated text, or None when there is none.
+
+    ``pattern``: its capture group in the first match (the harness's regex filter by default takes
+    the first match). Else, when the reference is a number: the last number in the text (the
+    conclusion of a worked answer, as the harness's flexible-extract). Else: the first non-empty
+    line (models often explain after the answer)."""
+    if pattern is not None:
+        match = pattern.search(text)
+        found = match.group(1) if match else None
+        return found.strip() if found is not None else None
+    if number_value(reference) is not None:
+        numbers = _NUMBER_IN_TEXT.findall(text)
+        return numbers[-1] if numbers else None
+    return next((line.strip() for line in text.splitlines() if line.strip()), None)
+
+
+def answers_equal(extracted: str, reference: str) -> bool:
+    """Numbers by value (1,200 = 1200 = 1200.0), other texts by normalised exact match."""
+    a, b = number_value(extracted), number_value(reference)
+    if a is not None and b is not None:
+        return a == b
+    return normalize_answer(extracted) == normalize_answer(reference)
+
+
+def flexible_match(prediction: str, reference: str, pattern: re.Pattern | None = None) -> float:
+    """1.0 when the answer extracted from ``prediction`` equals the reference, else 0.0."""
+    extracted = extract_answer(prediction, reference, pattern)
+    return float(extracted is not None and answers_equal(extracted, reference))
 
 
 # ---- answer likelihoods: one padded forward pass per chunk of rows --------------------------------
@@ -263,8 +340,10 @@ def _question_record(
     traces: list[Trace],
     vocab: Vocabulary,
     answers: list[list[int]] | None,
+    pattern: re.Pattern | None = None,
 ) -> dict[str, Any]:
-    """Per-question figures from its K trace rows and null row (last)."""
+    """Per-question figures from its K trace rows and null row (last); ``pattern``: the
+    flexible match's extraction regex (None: the default rule)."""
     trace_nll = [r.nll for r in rows[:-1]]
     null_nll = rows[-1].nll
     stats = _think_figures(rows[:-1], traces)
@@ -295,12 +374,15 @@ def _question_record(
             item.update(
                 answer=text,
                 exact_match=exact_match(text, example.answer),
+                extracted=extract_answer(text, example.answer, pattern),
+                exact_match_flexible=flexible_match(text, example.answer, pattern),
                 f1=token_f1(text, example.answer),
             )
         generations.append(item)
     record["generations"] = generations
     if answers is not None:
-        record["exact_match"] = float(np.mean([g["exact_match"] for g in generations]))
+        for key in ("exact_match", "exact_match_flexible"):
+            record[key] = float(np.mean([g[key] for g in generations]))
         record["f1"] = float(np.mean([g["f1"] for g in generations]))
     return record
 
@@ -317,6 +399,7 @@ def _summary(
         "gain",
         "gain_best",
         "exact_match",
+        "exact_match_flexible",
         "f1",
     ):
         if key in records[0]:
@@ -339,6 +422,7 @@ def evaluate(
 ) -> EvalReport:
     """Evaluate ``examples`` (the first ``cfg.max_questions``); see the module docstring."""
     _check_config(cfg)
+    pattern = compile_extract(cfg.extract, "eval: extract")  # refused before any work
     examples = list(examples[: cfg.max_questions] if cfg.max_questions else examples)
     if not examples:
         raise NrtError("eval: no questions to evaluate")
@@ -378,7 +462,7 @@ def evaluate(
     records = []
     for q, ex in enumerate(examples):
         answers_q = generated[q] if generated is not None else None
-        record = _question_record(ex, grouped[q], traces[q], vocab, answers_q)
+        record = _question_record(ex, grouped[q], traces[q], vocab, answers_q, pattern)
         if ex.options:
             per_option = [grouped[len(examples) + i] for i, qq in enumerate(option_of) if qq == q]
             texts = [g["answer"] for g in record["generations"]] if answers_q is not None else None

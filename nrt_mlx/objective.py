@@ -17,6 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from nrt_mlx import prefix
 from nrt_mlx.batch import MARKER, THINK, Batch
 from nrt_mlx.errors import NrtError
 from nrt_mlx.recipe import ObjectiveConfig, Recipe
@@ -38,16 +39,44 @@ def entropy(logits: mx.array) -> mx.array:
     return lse.squeeze(-1) - (mx.exp(logits - lse) * logits).sum(axis=-1)
 
 
+def _scored(logits: mx.array, targets: mx.array, temperature: float) -> tuple[mx.array, mx.array]:
+    """log p_T(targets) and the entropy of p_T, with p_T = softmax(logits / T)."""
+    if temperature != 1.0:  # T = 1 leaves the graph exactly as it was before temperatures existed
+        logits = logits.astype(mx.float32) / temperature
+    return token_logprobs(logits, targets), entropy(logits)
+
+
+def _shared_forward(model: Any, batch: Batch, temperature: float) -> tuple[mx.array, mx.array]:
+    """``forward`` of a shared-prompt batch: one prompt pass, then a continuation pass per
+    ``batch.passes`` entry (nrt_mlx.prefix), each starting from the prompt's last token."""
+    caches = prefix.prompt_pass(model, batch.prompts[:, :-1], batch.prompt_valid[:, :-1])
+    last = batch.prompts[:, -1:]
+    width = batch.tokens.shape[1]
+    lps, ents = [], []
+    for p in batch.passes:
+        targets = batch.tokens[p.rows, : p.width]
+        q = batch.prompt_of_row[p.rows]
+        inputs = mx.concatenate([last[q], targets[:, :-1]], axis=1)
+        logits = prefix.continuation_logits(model, caches, inputs, q, batch.prompt_valid[:, :-1])
+        lp, ent = _scored(logits, targets, temperature)
+        if not p.grad:
+            lp = mx.stop_gradient(lp)
+        pad = [(0, 0), (0, width - p.width)]
+        lps.append(mx.pad(lp, pad))
+        ents.append(mx.pad(ent, pad))
+    return mx.concatenate(lps)[batch.unpermute], mx.concatenate(ents)[batch.unpermute]
+
+
 def forward(model: Any, batch: Batch, temperature: float = 1.0) -> tuple[mx.array, mx.array]:
     """log p_T(tokens[:, j] | tokens[:, <j]) and the entropy of p_T there, [B, L] each (0 at j = 0),
     with p_T = softmax(logits / T): the distribution the sampler draws from (before top-p), as in
-    the released code. T = 1 is the model itself."""
-    logits = model(batch.tokens[:, :-1])
-    if temperature != 1.0:  # T = 1 leaves the graph exactly as it was before temperatures existed
-        logits = logits.astype(mx.float32) / temperature
-    zero = mx.zeros((logits.shape[0], 1), dtype=mx.float32)
-    lp = mx.concatenate([zero, token_logprobs(logits, batch.tokens[:, 1:])], axis=1)
-    return lp, mx.concatenate([zero, entropy(logits)], axis=1)
+    the released code. T = 1 is the model itself. A shared-prompt batch gives them for every token
+    of its continuations (their first token included: it follows the prompt)."""
+    if batch.prompts is not None:
+        return _shared_forward(model, batch, temperature)
+    lp, ent = _scored(model(batch.tokens[:, :-1]), batch.tokens[:, 1:], temperature)
+    zero = mx.zeros((lp.shape[0], 1), dtype=mx.float32)
+    return mx.concatenate([zero, lp], axis=1), mx.concatenate([zero, ent], axis=1)
 
 
 def answer_logprobs(lp: mx.array, batch: Batch) -> mx.array:

@@ -29,8 +29,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""
+    train: str = ""  # JSONL file, folder of train/valid/test.jsonl, or hf:owner/name[:split]
     valid: str = ""
+    hf_config: str = ""  # configuration ("subset") of hf: datasets, e.g. main for openai/gsm8k
     question_field: str = "question"
     answer_field: str = "answer"
     prompt_field: str = "prompt"
@@ -107,12 +108,17 @@ class TrainConfig:
     mini_batches: int = 1  # disjoint mini-batches of whole questions, one update each
     updates_per_rollout: int = 1  # epochs over the rollout; >1 update per step turns on the ratio
     grad_checkpoint: bool = False
+    memory_check: bool = True  # refuse a run whose memory plan (nrt_mlx.plan) does not fit
+    shared_prompt: bool = True  # run each question's prompt once for its K + 1 rows (NRT)
     seed: int = 0
     eval_every: int = 0
     eval_questions: int = 16
     eval_samples: int = 2
+    eval_extract: str = ""  # regex (one capture group) of eval's flexible match; "": default rule
     collapse_stop: bool = False
     collapse_fraction: float = 0.3
+    report_to: list[str] = field(default_factory=list)  # trackers: wandb, tensorboard
+    report_project: str = "nrt-mlx"  # the wandb project
 
 
 @dataclass
@@ -280,6 +286,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "-
 # takes the value that reproduces what the run's version did, so old runs resume unchanged.
 SAVED_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
     "rollout": {"marker_rows": "keep", "stop_at_special": False},  # nrt-mlx 0.1
+    "train": {"shared_prompt": False},  # before shared-prompt training: full rows, same figures
 }
 
 
@@ -421,7 +428,7 @@ def _absolute_paths(recipe: Recipe, base: Path, from_command_line: set[str]) -> 
     for section, key in (("data", "train"), ("data", "valid"), ("model", "path")):
         cfg = getattr(recipe, section)
         value = getattr(cfg, key)
-        if not value:
+        if not value or value.startswith("hf:"):  # empty, or a Hub dataset (nrt_mlx.data)
             continue
         given = Path(value).expanduser()
         bases = [Path.cwd()] if f"{section}.{key}" in from_command_line else [base, Path.cwd()]
@@ -430,12 +437,18 @@ def _absolute_paths(recipe: Recipe, base: Path, from_command_line: set[str]) -> 
             if candidate.exists():
                 setattr(cfg, key, str(candidate.resolve()))
                 break
+    # mlx-lm's --data DIR: the folder's valid.jsonl is data.valid unless one is given.
+    folder = Path(recipe.data.train)
+    if not recipe.data.valid and folder.is_dir() and (folder / "valid.jsonl").is_file():
+        recipe.data.valid = str(folder / "valid.jsonl")
 
 
 def validate(recipe: Recipe, source: str = "recipe") -> None:
     """Value checks that types cannot express: every key with a range, one line naming it."""
+    from nrt_mlx.evaluate import compile_extract
     from nrt_mlx.objective import AGGREGATORS
 
+    compile_extract(recipe.train.eval_extract, f"{source}: train.eval_extract")
     q = recipe.model.quantize
     if q not in ("auto", "none", *QUANTIZE_BITS):
         raise NrtError(
@@ -463,6 +476,9 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             f"{source}: train.mini_batches ({t.mini_batches}) exceeds train.questions_per_step "
             f"({t.questions_per_step}): a mini-batch needs at least one question"
         )
+    from nrt_mlx.tracking import report_targets
+
+    recipe.train.report_to = report_targets(recipe.train.report_to, source)
     if recipe.lora.keys is not None and not recipe.lora.keys:
         raise NrtError(
             f"{source}: lora.keys is an empty list; give module names, or null for every linear layer"

@@ -37,7 +37,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from nrt_mlx import marker
+from nrt_mlx import marker, prefix
 from nrt_mlx.batch import Batch, build_rows, collate, sft_rows
 from nrt_mlx.data import Dataset, Example, drop_long, load_jsonl
 from nrt_mlx.errors import NrtError
@@ -81,6 +81,7 @@ class Session:
     max_length: int  # longest row: prompt + think + marker + answer limits
     normalizer: float | None  # N of the loss; None: per step (objective.default_normalizer)
     data_report: str  # what was kept and skipped of data.train
+    shared_prompt: bool = False  # NRT batches in the shared-prompt layout (nrt_mlx.prefix)
     position: int = 0  # questions consumed so far (the data position a checkpoint saves)
 
 
@@ -192,6 +193,9 @@ def ready_to_train(recipe: Recipe, trust_remote_code: bool, source: str) -> None
     directory is locked or created, so that a refused command leaves it as it was."""
     check_training(recipe)
     recipe.model = with_remote_code(recipe.model, trust_remote_code, source)
+    from nrt_mlx.plan import check_fits
+
+    check_fits(recipe, source)  # the memory plan, from config.json alone: before any weight loads
 
 
 def prepare(recipe: Recipe) -> Session:
@@ -204,13 +208,12 @@ def prepare(recipe: Recipe) -> Session:
     )
     loaded = load_model(recipe.model)
     if recipe.train.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(loaded.model.layers[0])
+        prefix.grad_checkpoint(loaded.model.layers)
     add_adapters(loaded.model, recipe.lora, recipe.train.seed)
     vocab = Vocabulary.of(loaded.tokenizer, recipe.rollout.marker)
     nrt = recipe.train.method == "nrt"
     rows = marker.setup(loaded.model, vocab, recipe.rollout.marker_rows) if nrt else False
+    shared = nrt and recipe.train.shared_prompt and _shared_prompt_fits(loaded.model)
     train = encode_dataset(train_data, vocab, recipe)
     valid = encode_dataset(valid_data, vocab, recipe) if valid_data else []
     if recipe.train.questions_per_step > len(train):
@@ -245,7 +248,21 @@ def prepare(recipe: Recipe) -> Session:
         + d.max_answer_tokens,
         normalizer=default_normalizer(recipe),
         data_report=train_data.report(),
+        shared_prompt=shared,
     )
+
+
+def _shared_prompt_fits(model: nn.Module) -> bool:
+    """Whether shared-prompt passes reproduce the full rows on this model (``prefix.supported``,
+    probed without LoRA dropout); warns when they do not."""
+    model.eval()
+    try:
+        why = prefix.supported(model)
+    finally:
+        model.train()
+    if why:
+        warn(f"train.shared_prompt is off for this model ({why}); every row runs in full (slower)")
+    return why is None
 
 
 # ---- one step -----------------------------------------------------------------------------------
@@ -278,7 +295,8 @@ def build_batches(
     ]
     per = r.train.micro_batch_questions or len(rows)
     return [
-        collate(sum(rows[i : i + per], []), session.vocab.pad_id) for i in range(0, len(rows), per)
+        collate(sum(rows[i : i + per], []), session.vocab.pad_id, session.shared_prompt)
+        for i in range(0, len(rows), per)
     ]
 
 
@@ -483,6 +501,7 @@ def evaluate_valid(session: Session) -> dict[str, float]:
         samples=r.train.eval_samples,
         seed=r.train.seed,
         max_questions=r.train.eval_questions,
+        extract=r.train.eval_extract,
         generate=True,
         max_answer_tokens=min(64, r.data.max_answer_tokens),
     )
@@ -494,6 +513,7 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
     """Train from ``start_step`` to ``train.steps``: log, sample, evaluate, watch for collapse,
     checkpoint."""
     from nrt_mlx.collapse import CollapseMonitor
+    from nrt_mlx.tracking import Trackers
 
     r = session.recipe
     nrt = r.train.method == "nrt"
@@ -502,7 +522,9 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
     )
     monitor.replay(session.run.read_metrics())  # a resumed run keeps its starting values
     reporter = Reporter(r.train.steps, start_step, quiet, r.run.log_every)
+    trackers = Trackers(reporter.warn)  # train.report_to: never stops the run
     try:
+        trackers.start(r, session.run.root, start_step)
         for step in range(start_step + 1, r.train.steps + 1):
             result = train_step(session, step)
             metrics = result.metrics
@@ -522,6 +544,7 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
             ):
                 metrics.update(evaluate_valid(session))
             session.run.log_metrics(metrics)
+            trackers.log(metrics)
             if nrt and r.run.samples_every and (step == 1 or step % r.run.samples_every == 0):
                 session.run.log_sample(_sample_record(session, result))
             reporter.step(metrics)
@@ -536,6 +559,7 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(session.run, r.model.trust_remote_code)) from None
     finally:
+        trackers.close()
         reporter.close()
     return session.run.root
 
@@ -564,6 +588,9 @@ def interrupted_message(
 def start_run(recipe: Recipe) -> Session:
     """Prepare a new run and write its run directory's resolved recipe."""
     recipe.run.overrides = []  # a record of another run's resumes (e.g. a model card's recipe)
+    from nrt_mlx.tracking import require
+
+    require(recipe.train.report_to)  # a missing tracker package: before the model loads
     session = prepare(recipe)
     session.run.root.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, session.run.recipe)
@@ -602,7 +629,10 @@ def resume(
     """
     run = RunDir(Path(run_dir).expanduser().absolute()).check()
     # Refusals first, before the lock and the recovery touch anything.
-    _resume_recipes(run, run.latest_checkpoint() or 0, overrides, trust_remote_code)
+    _, recipe, _ = _resume_recipes(run, run.latest_checkpoint() or 0, overrides, trust_remote_code)
+    from nrt_mlx.tracking import require
+
+    require(recipe.train.report_to)  # a missing tracker package: before the model loads
     with run.lock():  # one process per run directory, released however the process ends
         return _resume_locked(run, quiet, overrides, trust_remote_code)
 

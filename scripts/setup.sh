@@ -12,5 +12,6 @@ if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
   fi
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+source scripts/pip_quiet.sh
+pip_quiet .venv/bin/python install --upgrade pip
+pip_quiet .venv/bin/python install -e ".[dev]"

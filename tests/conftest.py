@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from tiny import TinySpec, build_tiny_model
 
+import nrt_mlx  # noqa: F401  first: it loads the system BLAS before anything imports mlx.core
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

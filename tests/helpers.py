@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from nrt_mlx.cli import main
+from nrt_mlx.quickstart import bundled_path
 
 
 def run_cli(
@@ -25,7 +26,7 @@ def run_cli(
     return code, out.out, out.err
 
 
-DATA = Path(__file__).resolve().parent.parent / "recipes" / "data"
+DATA = bundled_path("data")  # the repository's recipes/data, found as the package finds it
 
 
 def tiny_recipe(tmp_path: Path, model_dir: Path, name: str = "run", **sections: dict) -> dict:

@@ -57,7 +57,8 @@ def test_resume_rewrites_step_3_exactly_as_0_1_did(old_run: Path) -> None:
     assert [r["step"] for r in after] == [1, 2, 3]
     assert after[:2] == before[:2]  # steps before the checkpoint are kept as written
     old, new = before[2], after[2]
-    assert {k for k in new if k != "clip_fraction"} == set(old)
+    # Figures added since 0.1: the clipped ratio's share, eval's flexible exact match.
+    assert {k for k in new if k not in ("clip_fraction", "eval_exact_match_flexible")} == set(old)
     for key in set(old) - TIMING:
         assert new[key] == pytest.approx(old[key], rel=1e-5, abs=1e-7), key
     state = json.loads((old_run / "checkpoints" / "step_000003" / "state.json").read_text())

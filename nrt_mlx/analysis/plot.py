@@ -1,9 +1,10 @@
 """One PNG of a training run (or several overlaid): what one would otherwise open a dashboard for.
 
 Panels, each drawn when some run logged its figures: reward (mean, band of +-1 std), answer NLL
-with the sampled trace (solid) and without it (null think, dashed), trace length (mean, band from
-min to max), trace entropy, marker rate and distinct-2, and the periodic evaluation (answer NLL,
-then exact match / F1 / accuracy). Each run has one colour, labelled with its directory name;
+with the sampled trace (solid) and without it (null think, dashed), the loss and its terms, the
+learning rate, trace length (mean, band from min to max), trace entropy, marker rate and
+distinct-2, and the periodic evaluation (answer NLL, then exact match / F1 / accuracy). Steps are
+whole numbers on every x axis. Each run has one colour, labelled with its directory name;
 collapse warnings are dotted vertical lines in the run's colour.
 """
 
@@ -32,6 +33,7 @@ class Panel:
     ylabel: str
     lines: tuple[Line, ...]
     marks_collapse: bool = False
+    scientific: bool = False  # y ticks as 2.0 with "1e-4" above, not 0.000200
 
 
 PANELS = (
@@ -41,6 +43,17 @@ PANELS = (
         "NLL per answer token",
         (Line("answer_nll", "trace"), Line("null_answer_nll", "null", "--")),
     ),
+    Panel(
+        "loss (solid: total, dashed: trace, dotted: token, dash-dot: format)",
+        "loss",
+        (
+            Line("loss", "total"),
+            Line("trace_loss", "trace", "--"),
+            Line("token_loss", "token", ":"),
+            Line("format_loss", "format", "-."),
+        ),
+    ),
+    Panel("learning rate", "learning rate", (Line("lr", ""),), scientific=True),
     Panel(
         "trace length",
         "tokens",
@@ -107,8 +120,13 @@ def _draw_line(ax: Any, run: RunLog, line: Line, color: str) -> bool:
 
 
 def _draw_panel(ax: Any, panel: Panel, runs: list[RunLog], colors: list[str]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_title(panel.title, fontsize=10)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 2.5 on a short run
+    if panel.scientific:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax.set_ylabel(panel.ylabel)
     ax.grid(True, alpha=0.3)
     for run, color in zip(runs, colors):

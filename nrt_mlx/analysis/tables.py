@@ -35,7 +35,7 @@ def _question_table(questions: list[dict], max_rows: int, width: int) -> Any:
     """One line per question; the question text gets the width the numbers leave."""
     from rich.table import Table
 
-    heads = ["line", "question", "null", "mean", "best", "gain", "EM", "F1", "think"]
+    heads = ["line", "question", "null", "mean", "best", "gain", "EM", "flex", "F1", "think"]
     rows = [
         [
             str(q["line"]),
@@ -45,6 +45,7 @@ def _question_table(questions: list[dict], max_rows: int, width: int) -> Any:
             f"{q['trace_nll_best']:.3f}",
             f"{q['gain']:+.3f}",
             _fmt(q.get("exact_match")),
+            _fmt(q.get("exact_match_flexible")),
             _fmt(q.get("f1")),
             f"{q['trace_tokens']:.0f}",
         ]
@@ -56,7 +57,8 @@ def _question_table(questions: list[dict], max_rows: int, width: int) -> Any:
     table = Table(
         title=f"questions (first {len(rows)} of {len(questions)})",
         caption="answer NLL per token: null = no trace, mean / best of the K traces; "
-        "gain = null - mean; think = mean trace tokens",
+        "gain = null - mean; EM = exact match of the whole answer (strict), flex = of the answer "
+        "extracted from it (flexible); think = mean trace tokens",
     )
     for c, name in enumerate(heads):
         table.add_column(name, justify="left" if c == 1 else "right", no_wrap=c == 1)

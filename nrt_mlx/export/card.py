@@ -177,7 +177,7 @@ def _intro(inputs: CardInputs) -> str:
     base_ref = (
         f"[{base_repo}](https://huggingface.co/{base_repo})"
         if base_repo
-        else f"`{_display_path(base)}`"
+        else inline_code(_display_path(base))
     )
     how = (
         f"with [Native Reasoning Training]({PAPER_URL}) (NRT): it learned to reason from "
@@ -206,7 +206,9 @@ def _how_it_answers(inputs: CardInputs) -> str:
         return ""
     marker = _marker(inputs)
     marker_text = (
-        f"the answer marker `{marker}`" if marker else "the answer marker chosen at training time"
+        f"the answer marker {inline_code(marker_literal(marker))}"
+        if marker
+        else "the answer marker chosen at training time"
     )
     lines = [
         "## How it answers\n",
@@ -216,7 +218,7 @@ def _how_it_answers(inputs: CardInputs) -> str:
     prefix = inputs.recipe.rollout.think_prefix
     if prefix:
         lines.append(
-            f"During training the text {json.dumps(prefix)} followed the generation prompt; "
+            f"During training the text {inline_code(json.dumps(prefix))} followed the generation prompt; "
             "append it to the prompt as the snippet below does."
         )
     return "\n".join(lines) + "\n"
@@ -244,13 +246,13 @@ def _usage(inputs: CardInputs) -> str:
     cli = f'mlx_lm.generate --model {inputs.repo_id} --prompt "Why is the sky blue?" --max-tokens {max_tokens}'
     text = (
         "## Use with mlx\n\n"
-        "```bash\npip install mlx-lm\n"
-        f"{cli}\n```\n\n"
-        "```python\n" + "\n".join(code) + "\n```\n"
+        + fenced(f"pip install mlx-lm\n{cli}\n", "bash")
+        + "\n"
+        + fenced("\n".join(code) + "\n", "python")
     )
     if inputs.gguf_file:
         text += (
-            f"\n`{inputs.gguf_file}` holds the same weights in GGUF, exported with mlx-lm "
+            f"\n{inline_code(inputs.gguf_file)} holds the same weights in GGUF, exported with mlx-lm "
             "(llama.cpp and compatible runtimes).\n"
         )
     return text
@@ -367,8 +369,37 @@ def _recipe_section(inputs: CardInputs) -> str:
     text = yaml.safe_dump(inputs.recipe.to_dict(), sort_keys=False, allow_unicode=True)
     return (
         "## Recipe\n\nThe full nrt-mlx recipe of the run (`nrt-mlx train` accepts it as is):\n\n"
-        f"```yaml\n{_hide_home(text)}```\n"
+        + fenced(_hide_home(text), "yaml")
     )
+
+
+def marker_literal(marker: str) -> str:
+    """The marker as typed: plain when Markdown shows it faithfully, else its JSON string literal.
+
+    Inside inline code Markdown turns a newline into a space and trims one space at each end, so
+    a marker such as "\\nAnswer:\\n" would show as " Answer: "; the literal "\\nAnswer:\\n" is
+    also what the usage snippet splits on.
+    """
+    plain = marker.isprintable() and marker == marker.strip() and "  " not in marker
+    return marker if plain else json.dumps(marker, ensure_ascii=False)
+
+
+def inline_code(text: str) -> str:
+    """``text`` as Markdown inline code, whatever backticks or spaces it holds (CommonMark 6.1)."""
+    fence = "`" * (_longest_backtick_run(text) + 1)
+    # A space inside the fence keeps a backtick at either end from joining it; one is trimmed.
+    pad = " " if text.startswith(("`", " ")) or text.endswith(("`", " ")) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def fenced(text: str, lang: str) -> str:
+    """A fenced code block longer than any backtick run inside ``text`` (which ends in a newline)."""
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)
+    return f"{fence}{lang}\n{text}{fence}\n"
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
 
 
 def _adapter_type(inputs: CardInputs) -> str:

@@ -1,32 +1,45 @@
-"""Convert a llama-architecture GGUF file into an mlx-lm model directory.
+"""Convert a GGUF file (Llama/Mistral, Qwen2, Qwen3 architectures) into an mlx-lm model directory.
 
 The output loads with ``mlx_lm.load`` and nothing from nrt-mlx installed:
 
-- ``config.json``: Llama hyper-parameters; a ``quantization`` entry unless ``dequantize`` (with a
-  per-module entry for every module whose bit width differs from the most common one, e.g. the
-  8-bit token embedding of a Q4_1 file);
+- ``config.json``: the hyper-parameters (mlx-lm ``model_type`` llama, qwen2 or qwen3); a
+  ``quantization`` entry unless ``dequantize`` (with a per-module entry for every module whose bit
+  width differs from the most common one, e.g. the 8-bit token embedding of a Q4_1 file);
 - ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` past 5 GB) and
   ``model.safetensors.index.json``, in mlx-lm's tensor naming;
 - ``tokenizer.json`` and ``tokenizer_config.json`` built from the GGUF vocabulary, merges, token
   types, BOS/EOS ids and chat template with the ``tokenizers`` library.
 
-Two facts drive the weight mapping. ``mx.load`` reads Q4_0/Q4_1/Q8_0 blocks directly as MLX affine
-quantization with group size 32, so quantized weights are copied, not re-quantized. llama.cpp's
-converter permutes the rows of the q and k projections within each head so that the two rotary
-halves interleave (its rope rotates adjacent pairs); mlx-lm's Llama rotates halves, so those rows
-are permuted back, carrying their scales and biases with them.
+Two facts drive the weight mapping. Most GGUF block types are MLX affine quantization with group
+size 32 in another layout (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K, see ``nrt_mlx.export.gguf``), so
+those weights are copied onto the same grid, not re-quantized; Q2_K/Q3_K/Q6_K use groups of 16,
+which MLX lacks, so they are decoded and re-quantized with ``mx.quantize`` at the same bit width
+(``--dequantize`` keeps every value exact instead). llama.cpp's converter permutes the rows of
+the Llama q and k projections within each head so that the two rotary halves interleave (its rope
+rotates adjacent pairs); mlx-lm's Llama rotates halves, so those rows are permuted back, carrying
+their scales and biases with them. Qwen2/Qwen3 files are not permuted.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from nrt_mlx.errors import NrtError
-from nrt_mlx.export.gguf import QUANT_GROUP_SIZE, GGUFFile, load_tensors, read_gguf
+from nrt_mlx.export.gguf import (
+    ARCH_ROUTE,
+    QUANT_GROUP_SIZE,
+    Architecture,
+    GGUFFile,
+    TensorInfo,
+    load_tensors,
+    read_gguf,
+)
 from nrt_mlx.export.manifest import OutputKind, check_output_dir, write_output_dir
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -62,10 +75,16 @@ _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_BPE_PRE_TOKENIZERS = ("gpt-2", "gpt2", "smollm", "llama-bpe", "llama3")
+# Qwen2's split is Llama 3's with every digit apart (Qwen2/2.5/3 GGUF files say "qwen2").
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+_BPE_PRE_TOKENIZERS = ("gpt-2", "gpt2", "smollm", "llama-bpe", "llama3", "qwen2")
 
 
 # ---- public API ---------------------------------------------------------------------------------
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def convert_gguf(
@@ -73,6 +92,7 @@ def convert_gguf(
     out_dir: str | Path,
     dequantize: bool = False,
     dtype: str | None = None,
+    report: Callable[[str], None] | None = _to_stderr,
 ) -> Path:
     """Convert ``gguf_path`` into an mlx-lm model directory at ``out_dir`` and return its path.
 
@@ -83,6 +103,8 @@ def convert_gguf(
     ``default_dtype``). The directory is built beside ``out_dir`` and renamed into place,
     so it is never seen half-written. An existing ``out_dir`` is replaced only when it is empty or
     holds exactly an earlier conversion (see ``nrt_mlx.export.manifest``); anything else is refused.
+    ``report`` receives one line per GGUF tensor type saying what MLX format it became (stdout
+    stays the output path alone for scripts); None says nothing.
     """
     dtype = _check_dtype(dtype)
     out_dir = Path(out_dir)
@@ -91,7 +113,9 @@ def convert_gguf(
     arrays = load_tensors(gguf)
     config = model_config(gguf, arrays)
     tokenizer, tokenizer_config = build_tokenizer(gguf)
-    weights, quantized = convert_weights(gguf, arrays, config, dequantize=dequantize, dtype=dtype)
+    weights, quantized, formats = convert_weights(
+        gguf, arrays, config, dequantize=dequantize, dtype=dtype
+    )
     if quantized:
         config["quantization"] = quantization_config(quantized, weights)
         config["quantization_config"] = config["quantization"]
@@ -105,7 +129,19 @@ def convert_gguf(
         _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         _write_json(tmp / "special_tokens_map.json", _special_tokens_map(tokenizer_config))
 
-    return write_output_dir(Path(out_dir), CONVERT_OUTPUT, fill)
+    out = write_output_dir(Path(out_dir), CONVERT_OUTPUT, fill)
+    if report is not None:
+        for line in format_lines(formats):
+            report(line)
+    return out
+
+
+def format_lines(formats: Counter[tuple[str, str]]) -> list[str]:
+    """'Q4_K -> 4-bit affine, group 32, exact: 98 tensors', one line per (GGUF type, MLX form)."""
+    return [
+        f"{gguf_type} -> {mlx_form}: {n} tensor{'s' if n != 1 else ''}"
+        for (gguf_type, mlx_form), n in sorted(formats.items())
+    ]
 
 
 # config.json key naming the source GGUF: marks a conversion of nrt-mlx 0.1 (no manifest).
@@ -163,26 +199,36 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def model_config(gguf: GGUFFile, arrays: dict[str, Any]) -> dict[str, Any]:
-    """mlx-lm/transformers ``config.json`` for the Llama model in ``gguf`` (no quantization).
+    """mlx-lm/transformers ``config.json`` for the model in ``gguf`` (no quantization).
 
     ``arrays`` are the file's tensors (from ``load_tensors``); only ``rope_freqs`` is read.
     """
     if gguf.arch_value("expert_count", 0):
-        raise NrtError(f"{gguf.path}: mixture-of-experts models are not supported")
+        raise NrtError(f"{gguf.path}: mixture-of-experts models are not supported; {ARCH_ROUTE}")
     hidden = _int(gguf, "embedding_length")
     heads = _int(gguf, "attention.head_count")
     kv_heads = _int(gguf, "attention.head_count_kv", heads)
     head_dim = _int(gguf, "attention.key_length", hidden // heads)
+    arch = gguf.arch
     if _int(gguf, "attention.value_length", head_dim) != head_dim:
-        raise NrtError(f"{gguf.path}: key and value head sizes differ, which Llama does not allow")
+        raise NrtError(
+            f"{gguf.path}: key and value head sizes differ, which {arch.model_type} does not allow"
+        )
+    if arch.model_type == "qwen2" and head_dim * heads != hidden:
+        # mlx-lm's qwen2 derives the head size from hidden_size / num_attention_heads.
+        raise NrtError(
+            f"{gguf.path}: qwen2 head size {head_dim} is not hidden size / heads "
+            f"({hidden} / {heads}), which mlx-lm's qwen2 assumes; {ARCH_ROUTE}"
+        )
     if _int(gguf, "rope.dimension_count", head_dim) != head_dim:
         raise NrtError(f"{gguf.path}: partial rotary embeddings are not supported")
     if "token_embd.weight" not in gguf.tensors:
         raise NrtError(f"{gguf.path}: no 'token_embd.weight' tensor")
     tokens = gguf.require("tokenizer.ggml.tokens")
+    _check_layer_tensors(gguf)
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch.hf_class],
+        "model_type": arch.model_type,
         "hidden_size": hidden,
         "num_hidden_layers": _int(gguf, "block_count"),
         "intermediate_size": _int(gguf, "feed_forward_length"),
@@ -250,7 +296,9 @@ def rope_scaling(
     if kind == "linear":
         return {"type": "linear", "factor": float(gguf.arch_value("rope.scaling.factor", 1.0))}
     if kind not in ("none", None):
-        raise NrtError(f"{gguf.path}: rope scaling '{kind}' is not supported (only linear, llama3)")
+        raise NrtError(
+            f"{gguf.path}: rope scaling '{kind}' is not supported (only linear, llama3); {ARCH_ROUTE}"
+        )
     if "rope_freqs.weight" not in arrays:
         return None
     factors = arrays["rope_freqs.weight"].tolist()
@@ -300,18 +348,46 @@ def llama3_scaling_from_factors(
 # ---- weights ------------------------------------------------------------------------------------
 
 
-def mlx_module_name(gguf_base: str) -> str | None:
+def mlx_module_name(gguf_base: str, arch: Architecture) -> str | None:
     """mlx-lm module path for a GGUF tensor base name (``blk.3.attn_q``), None if dropped."""
     if gguf_base in _DROPPED:
         return None
     if gguf_base in _GLOBAL_MODULES:
         return _GLOBAL_MODULES[gguf_base]
+    layer_modules = _LAYER_MODULES | dict(arch.extra_layer_modules)
     parts = gguf_base.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_MODULES:
-        return f"model.layers.{parts[1]}.{_LAYER_MODULES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer_modules:
+        return f"model.layers.{parts[1]}.{layer_modules[parts[2]]}"
     if len(parts) == 3 and parts[2] == "attn_rot_embd":
         return None  # precomputed rope tables of old files
-    raise NrtError(f"unexpected tensor '{gguf_base}' in a llama GGUF file")
+    raise NrtError(
+        f"unexpected tensor '{gguf_base}' in a {arch.model_type} GGUF file; {ARCH_ROUTE}"
+    )
+
+
+def _check_layer_tensors(gguf: GGUFFile) -> None:
+    """Biases only where the architecture has them (Qwen2 needs q/k/v biases), and Qwen3's
+    q/k norms: mlx-lm refuses a model with a missing or an extra parameter."""
+    arch = gguf.arch
+    layers = _int(gguf, "block_count")
+    required = [m for m, _ in arch.extra_layer_modules]
+    for i in range(layers):
+        for kind in required:
+            if f"blk.{i}.{kind}.weight" not in gguf.tensors:
+                raise NrtError(
+                    f"{gguf.path}: {arch.model_type} file without 'blk.{i}.{kind}.weight'"
+                )
+        for kind in arch.bias_modules or ():
+            if f"blk.{i}.{kind}.bias" not in gguf.tensors:
+                raise NrtError(f"{gguf.path}: {arch.model_type} file without 'blk.{i}.{kind}.bias'")
+    if arch.bias_modules is None:
+        return
+    for name in gguf.tensors:
+        base, _, suffix = name.rpartition(".")
+        if suffix == "bias" and base.rsplit(".", 1)[-1] not in arch.bias_modules:
+            raise NrtError(
+                f"{gguf.path}: tensor '{name}' is a bias that {arch.model_type} models do not have"
+            )
 
 
 def unpermute_rows(a: Any, n_heads: int) -> Any:
@@ -327,41 +403,80 @@ def unpermute_rows(a: Any, n_heads: int) -> Any:
 
 def convert_weights(
     gguf: GGUFFile, arrays: dict[str, Any], config: dict[str, Any], dequantize: bool, dtype: str
-) -> tuple[dict[str, Any], dict[str, int]]:
-    """mlx-lm weights from the GGUF tensors (``arrays`` from ``load_tensors``), and
-    {module path: bits} of the quantized modules."""
+) -> tuple[dict[str, Any], dict[str, int], Counter[tuple[str, str]]]:
+    """mlx-lm weights from the GGUF tensors (``arrays`` from ``load_tensors``), {module path: bits}
+    of the quantized modules, and a count of tensors per (GGUF type, MLX form written)."""
     import mlx.core as mx
 
     target = getattr(mx, dtype)
+    arch = gguf.arch
     heads_for = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     weights: dict[str, Any] = {}
     quantized: dict[str, int] = {}
+    formats: Counter[tuple[str, str]] = Counter()
     for name, info in gguf.tensors.items():
-        base, _, _ = name.rpartition(".")
-        module = mlx_module_name(base)
+        base, _, suffix = name.rpartition(".")  # suffix: "weight" or "bias"
+        module = mlx_module_name(base, arch)
         if module is None:
             continue
-        parts = _tensor_parts(arrays, name, info.bits is not None)
-        n_heads = heads_for.get(base.rsplit(".", 1)[-1])
+        kind = info.kind
+        parts = _tensor_parts(arrays, name, _is_triplet(info))
+        n_heads = heads_for.get(base.rsplit(".", 1)[-1]) if arch.permuted_qk else None
         if n_heads is not None:
             parts = {k: unpermute_rows(v, n_heads) for k, v in parts.items()}
-        suffix = name.rsplit(".", 1)[-1]  # "weight" or "bias"
-        if info.bits is None:
-            weights[f"{module}.{suffix}"] = parts[suffix].astype(target)
-        elif dequantize:
-            weights[f"{module}.weight"] = mx.dequantize(
-                parts["weight"],
-                parts["scales"].astype(target),
-                parts["biases"].astype(target),
-                group_size=QUANT_GROUP_SIZE,
-                bits=info.bits,
-            ).astype(target)
+        if kind.bits is None or dequantize:
+            dense = parts[suffix] if not _is_triplet(info) else _dequantize(parts, kind.bits)
+            weights[f"{module}.{suffix}"], exact = _cast(dense, target)
+            form = f"{dtype}{', dequantized' if kind.bits else ''}"
+            form += ", exact" if exact else f", rounded to {dtype}"
         else:
+            if not _is_triplet(info):  # re-quantized: llama.cpp's groups of 16 do not fit MLX
+                parts = _quantize(parts["weight"], kind.bits)
             weights[f"{module}.weight"] = parts["weight"]
-            weights[f"{module}.scales"] = parts["scales"].astype(target)
-            weights[f"{module}.biases"] = parts["biases"].astype(target)
-            quantized[module] = info.bits
-    return weights, quantized
+            weights[f"{module}.scales"], exact_s = _cast(parts["scales"], target)
+            weights[f"{module}.biases"], exact_b = _cast(parts["biases"], target)
+            quantized[module] = kind.bits
+            form = f"{kind.bits}-bit affine, group {QUANT_GROUP_SIZE}"
+            if kind.requantized:
+                form += ", re-quantized"
+            else:
+                form += ", exact" if exact_s and exact_b else f", scales rounded to {dtype}"
+        formats[(info.type_name, form)] += 1
+    return weights, quantized, formats
+
+
+def _is_triplet(info: TensorInfo) -> bool:
+    """``load_tensors`` gives this tensor as MLX's (weight, scales, biases)."""
+    return info.kind.bits is not None and not info.kind.requantized
+
+
+def _dequantize(parts: dict[str, Any], bits: int) -> Any:
+    import mlx.core as mx
+
+    return mx.dequantize(
+        parts["weight"],
+        parts["scales"].astype(mx.float32),
+        parts["biases"].astype(mx.float32),
+        group_size=QUANT_GROUP_SIZE,
+        bits=bits,
+    )
+
+
+def _quantize(dense: Any, bits: int) -> dict[str, Any]:
+    import mlx.core as mx
+
+    weight, scales, biases = mx.quantize(
+        dense.astype(mx.float32), group_size=QUANT_GROUP_SIZE, bits=bits
+    )
+    return {"weight": weight, "scales": scales, "biases": biases}
+
+
+def _cast(a: Any, target: Any) -> tuple[Any, bool]:
+    """``a`` as ``target`` and whether every value survived the cast."""
+    import mlx.core as mx
+
+    out = a.astype(target)
+    return out, out.dtype == a.dtype or bool(mx.array_equal(out.astype(a.dtype), a).item())
 
 
 def _tensor_parts(arrays: dict[str, Any], name: str, is_quantized: bool) -> dict[str, Any]:
@@ -484,12 +599,13 @@ def _byte_level_bpe(gguf: GGUFFile, tokens: list[str]) -> Any:
             f"(supported: {', '.join(_BPE_PRE_TOKENIZERS)})"
         )
     llama3 = pre in ("llama-bpe", "llama3")
+    regex = _LLAMA3_REGEX if llama3 else _QWEN2_REGEX if pre == "qwen2" else None
     # Llama 3's vocabulary takes a whole pre-token when it is a token (``ignore_merges``).
     model = models.BPE(vocab=_vocab(tokens), merges=_merges(gguf), ignore_merges=llama3)
     tokenizer = Tokenizer(model)
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not llama3)
-    if llama3:
-        split = pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated", invert=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=regex is None)
+    if regex is not None:
+        split = pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False)
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
     elif pre == "smollm":
         # SmolLM splits every digit apart before the GPT-2 rules.

@@ -2,9 +2,14 @@
 
 The header, metadata and tensor table are parsed here in pure Python, so every problem (not a GGUF
 file, a truncated download, a tensor type or an architecture we do not handle) is reported as a
-one-line ``NrtError`` before any tensor is touched. The tensor data itself is then read by
-``mx.load``, which turns F32/F16 tensors into arrays and Q4_0/Q4_1/Q8_0 blocks into MLX's affine
-quantized triplets (``weight``/``scales``/``biases``, group size 32).
+one-line ``NrtError`` before any tensor is touched.
+
+The tensor data is then read one of two ways. A file holding only F32/F16/Q4_0/Q4_1/Q8_0 tensors
+is read by ``mx.load``, which turns the block types into MLX's affine quantized triplets
+(``weight``/``scales``/``biases``, group size 32) exactly. Any other file (K-quants, Q5_0/Q5_1,
+BF16) is decoded tensor by tensor with llama.cpp's own ``gguf`` package (an optional dependency):
+``mx.load`` cannot read Q3_K/Q5_K/Q5_0/Q5_1 at all, and reads Q2_K/Q4_K/Q6_K and BF16 only as
+float16, which is lossy and twice the size of the file.
 
 Format facts (from the GGUF specification): little-endian; magic ``GGUF``; u32 version (2 or 3);
 u64 tensor count; u64 metadata count; metadata as (string key, u32 value type, value); tensor infos
@@ -61,17 +66,80 @@ GGML_TYPE_NAMES: dict[int, str] = {
     39: "MXFP4",
 }
 
-# The types mx.load reads: name -> (values per block, bytes per block, quantization bits or None).
-SUPPORTED_TYPES: dict[str, tuple[int, int, int | None]] = {
-    "F32": (1, 4, None),
-    "F16": (1, 2, None),
-    "Q4_0": (32, 18, 4),
-    "Q4_1": (32, 20, 4),
-    "Q8_0": (32, 34, 8),
-}
-QUANT_GROUP_SIZE = 32
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+@dataclass(frozen=True)
+class TensorType:
+    """How a ggml tensor type is stored and what MLX form it converts to."""
+
+    per_block: int  # values per block
+    block_bytes: int
+    bits: int | None = None  # MLX affine bits (group size QUANT_GROUP_SIZE); None: a float type
+    # llama.cpp's grid has groups of 16, which MLX lacks: the values are re-quantized, not copied.
+    requantized: bool = False
+    mx_load: bool = False  # mx.load reads it exactly, so the gguf package is not needed
+
+
+QUANT_GROUP_SIZE = 32
+# Rows are decoded this many values at a time, bounding the float32 and bit-plane temporaries
+# (~64 MB each) whatever the tensor's size (a 70B model's embedding holds 10^9 values).
+DECODE_CHUNK_VALUES = 1 << 24
+# Every type we convert. The exact ones keep llama.cpp's grid: a group of 32 values is
+# scale * q + bias with q on ``bits`` bits (Q4_K and Q5_K: 8 such groups per 256-value block).
+TENSOR_TYPES: dict[str, TensorType] = {
+    "F32": TensorType(1, 4, mx_load=True),
+    "F16": TensorType(1, 2, mx_load=True),
+    "BF16": TensorType(1, 2),
+    "Q4_0": TensorType(32, 18, 4, mx_load=True),
+    "Q4_1": TensorType(32, 20, 4, mx_load=True),
+    "Q5_0": TensorType(32, 22, 5),
+    "Q5_1": TensorType(32, 24, 5),
+    "Q8_0": TensorType(32, 34, 8, mx_load=True),
+    "Q2_K": TensorType(256, 84, 2, requantized=True),
+    "Q3_K": TensorType(256, 110, 3, requantized=True),
+    "Q4_K": TensorType(256, 144, 4),
+    "Q5_K": TensorType(256, 176, 5),
+    "Q6_K": TensorType(256, 210, 6, requantized=True),
+}
+GGUF_PACKAGE_HINT = "pip install 'nrt-mlx[gguf]'"
+TYPE_ROUTE = (
+    "re-quantize the GGUF to Q8_0, Q4_K_M or F16 with llama.cpp "
+    "(llama-quantize --allow-requantize IN.gguf OUT.gguf Q8_0), or convert the original "
+    "Hugging Face model with mlx_lm.convert"
+)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What an architecture's GGUF tensors mean for mlx-lm."""
+
+    model_type: str  # mlx-lm's model module
+    hf_class: str  # transformers' ``architectures`` entry
+    # llama.cpp's converter interleaves the two rotary halves of each q/k head for Llama (its rope
+    # rotates adjacent pairs) but not for Qwen2/Qwen3 (NEOX rope, which rotates halves like mlx-lm).
+    permuted_qk: bool
+    # Layer tensors beyond the Llama set, e.g. Qwen3's per-head RMSNorm of q and k.
+    extra_layer_modules: tuple[tuple[str, str], ...] = ()
+    # Modules allowed (and required) to carry a bias; None: any, as Llama's attention_bias and
+    # mlp_bias say from the tensors present.
+    bias_modules: tuple[str, ...] | None = ()
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("llama", "LlamaForCausalLM", permuted_qk=True, bias_modules=None),
+    "qwen2": Architecture(
+        "qwen2", "Qwen2ForCausalLM", permuted_qk=False, bias_modules=("attn_q", "attn_k", "attn_v")
+    ),
+    "qwen3": Architecture(
+        "qwen3",
+        "Qwen3ForCausalLM",
+        permuted_qk=False,
+        extra_layer_modules=(
+            ("attn_q_norm", "self_attn.q_norm"),
+            ("attn_k_norm", "self_attn.k_norm"),
+        ),
+    ),
+}
+ARCH_ROUTE = "convert the original Hugging Face model with mlx_lm.convert"
 
 # Metadata value types: id -> struct format of a scalar (strings and arrays are handled apart).
 _SCALAR_FORMATS: dict[int, str] = {
@@ -114,9 +182,8 @@ class TensorInfo:
     nbytes: int
 
     @property
-    def bits(self) -> int | None:
-        """Quantization bits (4 or 8), or None for a float tensor."""
-        return SUPPORTED_TYPES[self.type_name][2]
+    def kind(self) -> TensorType:
+        return TENSOR_TYPES[self.type_name]
 
 
 @dataclass
@@ -131,6 +198,10 @@ class GGUFFile:
     @property
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
+
+    @property
+    def arch(self) -> Architecture:
+        return ARCHITECTURES[self.architecture]
 
     def arch_value(self, key: str, default: Any = None) -> Any:
         """An architecture-scoped value, e.g. ``arch_value("block_count")`` -> ``llama.block_count``."""
@@ -238,7 +309,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     """Parse and validate a GGUF file's header, metadata and tensor table.
 
     Raises ``NrtError`` if the file is missing, not GGUF, truncated, of another architecture, or
-    holds a tensor type that ``mx.load`` cannot read.
+    holds a tensor type we cannot convert.
     """
     path = Path(path)
     if not path.is_file():
@@ -295,7 +366,7 @@ def _alignment(gguf: GGUFFile) -> int:
 def _tensor_info(cur: _Cursor) -> tuple[str, tuple[int, ...], int, int]:
     name = cur.string()
     n_dims = cur.scalar("I")
-    if n_dims > 8:
+    if not 1 <= n_dims <= 8:
         raise NrtError(f"{cur.path}: corrupt GGUF file (tensor {_quote(name)} has {n_dims} dims)")
     dims = [cur.scalar("Q") for _ in range(n_dims)]
     type_id = cur.scalar("I")
@@ -308,13 +379,12 @@ def _checked_info(
 ) -> TensorInfo:
     """A TensorInfo with its byte size, or an error naming an unsupported tensor type."""
     type_name = GGML_TYPE_NAMES.get(type_id, f"type {type_id}")
-    if type_name not in SUPPORTED_TYPES:
-        supported = ", ".join(SUPPORTED_TYPES)
+    if type_name not in TENSOR_TYPES:
         raise NrtError(
             f"{path}: tensor {_quote(name)} has type {type_name}, which cannot be converted "
-            f"(supported: {supported}; re-quantize the model to one of these with llama.cpp)"
+            f"(supported: {', '.join(TENSOR_TYPES)}); {TYPE_ROUTE}"
         )
-    per_block, block_bytes, _ = SUPPORTED_TYPES[type_name]
+    per_block, block_bytes = TENSOR_TYPES[type_name].per_block, TENSOR_TYPES[type_name].block_bytes
     count = 1
     for d in shape:
         count *= d
@@ -338,23 +408,154 @@ def _check_data_present(gguf: GGUFFile, file_size: int) -> None:
 
 def check_architecture(gguf: GGUFFile) -> None:
     arch = gguf.architecture
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in ARCHITECTURES:
         raise NrtError(
-            f"{gguf.path}: architecture '{arch or '(none)'}' is not supported "
-            f"(only llama-architecture GGUF files, which include Llama and Mistral models)"
+            f"{gguf.path}: architecture '{arch or '(none)'}' is not supported (supported: "
+            f"llama (Llama, Mistral), {', '.join(a for a in ARCHITECTURES if a != 'llama')}); "
+            f"{ARCH_ROUTE}"
         )
 
 
 def load_tensors(gguf: GGUFFile) -> dict[str, Any]:
     """All tensors as MLX arrays, keyed like ``mx.load`` names them.
 
-    Quantized tensors appear as ``NAME.weight`` (packed uint32), ``NAME.scales`` and
-    ``NAME.biases``; a quantized tensor's name always ends in ``.weight`` in GGUF files.
+    Tensors of an exact quantized type appear as ``NAME.weight`` (packed uint32), ``NAME.scales``
+    and ``NAME.biases`` (a quantized tensor's name always ends in ``.weight`` in GGUF files);
+    float tensors and those of a re-quantized type (``TensorType.requantized``) as one float array.
     """
     import mlx.core as mx
 
+    if all(info.kind.mx_load for info in gguf.tensors.values()):
+        try:
+            arrays = mx.load(str(gguf.path))
+        except (RuntimeError, ValueError) as err:
+            raise NrtError(f"{gguf.path}: cannot read tensor data ({err})") from err
+        return dict(arrays)
+    quants = _gguf_quants(gguf)
+    arrays = {}
+    with open(gguf.path, "rb") as f:
+        for info in gguf.tensors.values():
+            f.seek(info.offset)
+            arrays.update(_decode(quants, gguf.path, info, f.read(info.nbytes)))
+    return arrays
+
+
+def _gguf_quants(gguf: GGUFFile) -> Any:
+    """llama.cpp's ``gguf.quants``, or a one-line error naming the tensor type that needs it."""
     try:
-        arrays = mx.load(str(gguf.path))
-    except (RuntimeError, ValueError) as err:
-        raise NrtError(f"{gguf.path}: cannot read tensor data ({err})") from err
-    return dict(arrays)
+        from gguf import quants
+    except ImportError:
+        info = next(i for i in gguf.tensors.values() if not i.kind.mx_load)
+        raise NrtError(
+            f"{gguf.path}: tensor {_quote(info.name)} has type {info.type_name}, which is read "
+            f"with llama.cpp's gguf package: {GGUF_PACKAGE_HINT}"
+        ) from None
+    return quants
+
+
+def _decode(quants: Any, path: Path, info: TensorInfo, data: bytes) -> dict[str, Any]:
+    """One tensor's MLX array(s) from its raw bytes (see ``load_tensors`` for the keys)."""
+    import mlx.core as mx
+    import numpy as np
+
+    if info.type_name in ("F32", "F16"):
+        dtype = "<f4" if info.type_name == "F32" else "<f2"
+        return {info.name: mx.array(np.frombuffer(data, dtype=dtype).reshape(info.shape))}
+    kind, cols = info.kind, info.shape[-1]
+    rows = np.frombuffer(data, dtype=np.uint8).reshape(
+        -1, cols // kind.per_block * kind.block_bytes
+    )
+    step = max(1, DECODE_CHUNK_VALUES // cols)
+    pieces = [
+        _decode_rows(quants, path, info, rows[i : i + step]) for i in range(0, len(rows), step)
+    ]
+    lead = info.shape[:-1]
+    if kind.bits is None or kind.requantized:
+        return {info.name: mx.array(np.concatenate(pieces).reshape(info.shape))}
+    base = info.name[: -len(".weight")]
+    return {
+        f"{base}.{part}": mx.array(np.concatenate([p[i] for p in pieces]).reshape(*lead, -1))
+        for i, part in enumerate(("weight", "scales", "biases"))
+    }
+
+
+def _decode_rows(quants: Any, path: Path, info: TensorInfo, rows: Any) -> Any:
+    """Float values [rows, cols] of some rows' blocks, or their MLX (packed, scales, biases)."""
+    from gguf import GGMLQuantizationType
+
+    kind = info.kind
+    blocks = rows.reshape(-1, kind.block_bytes)
+    values = quants.dequantize(blocks, GGMLQuantizationType[info.type_name]).reshape(len(rows), -1)
+    if kind.bits is None or kind.requantized:
+        return values
+    scales, biases = (a.reshape(len(rows), -1) for a in _affine_grid(info.type_name, blocks))
+    codes = _codes(path, info, values, scales, biases)
+    return pack_codes(codes, kind.bits), scales, biases
+
+
+def _f16(blocks: Any, at: int) -> Any:
+    """The float16 field at byte ``at`` of every block, as float32 of shape [blocks, 1]."""
+    import numpy as np
+
+    return blocks[:, at : at + 2].copy().view("<f2").astype(np.float32)
+
+
+def _affine_grid(type_name: str, blocks: Any) -> tuple[Any, Any]:
+    """Scale and bias of every group of 32 values: [blocks, groups per block] each.
+
+    Facts from ggml's block layouts: Q4_0/Q5_0/Q8_0 hold a float16 d and decode to d * (q - 8),
+    d * (q - 16), d * q with q signed; Q4_1/Q5_1 hold d and m and decode to d * q + m; Q4_K/Q5_K
+    hold a float16 d and dmin and eight 6-bit (scale, min) pairs and decode group j to
+    d * scale_j * q - dmin * min_j.
+    """
+    d = _f16(blocks, 0)
+    if type_name in ("Q4_1", "Q5_1"):
+        return d, _f16(blocks, 2)
+    if type_name in ("Q4_0", "Q5_0", "Q8_0"):
+        # As unsigned codes: Q8_0's int8 q is the code minus 128.
+        offset = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}[type_name]
+        return d, -offset * d
+    sc, mins = _k_scales_mins(blocks[:, 4:16])
+    return d * sc, -(_f16(blocks, 2) * mins)
+
+
+def _k_scales_mins(packed: Any) -> tuple[Any, Any]:
+    """The eight 6-bit scales and mins packed in 12 bytes (ggml's get_scale_min_k4 layout):
+    bytes 0-3 hold scales 0-3 and bytes 4-7 mins 0-3 in their low 6 bits; scales and mins 4-7
+    take their low 4 bits from bytes 8-11 and their top 2 bits from the top of bytes 0-3 / 4-7."""
+    import numpy as np
+
+    lo, mid, hi = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], axis=1)
+    mins = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
+def _codes(path: Path, info: TensorInfo, values: Any, scales: Any, biases: Any) -> Any:
+    """The integer codes of ``values`` on their groups' grids; checked to reproduce them exactly."""
+    import numpy as np
+
+    bits = info.kind.bits
+    assert bits is not None
+    groups = values.reshape(*scales.shape, QUANT_GROUP_SIZE)
+    s, b = scales[..., None], biases[..., None]
+    safe = np.where(s == 0, 1, s)  # a zero scale: every value is the bias, any code does
+    with np.errstate(invalid="ignore"):  # NaN in a corrupt block: reported below
+        codes = np.clip(np.rint((groups - b) / safe), 0, 2**bits - 1).astype(np.uint8)
+    if not np.array_equal(codes * s + b, groups):
+        raise NrtError(
+            f"{path}: tensor {_quote(info.name)} ({info.type_name}) has values off its blocks' grid "
+            "(corrupt tensor data?); download the file again"
+        )
+    return codes.reshape(values.shape)
+
+
+def pack_codes(codes: Any, bits: int) -> Any:
+    """MLX's packed uint32 weight for integer codes [..., n]: code i at bit i * bits of each row's
+    little-endian bit stream (for every bit width MLX supports)."""
+    import numpy as np
+
+    shape = codes.shape
+    planes = (codes[..., None] >> np.arange(bits, dtype=np.uint8)) & 1
+    stream = np.packbits(planes.reshape(*shape[:-1], shape[-1] * bits), axis=-1, bitorder="little")
+    return np.ascontiguousarray(stream).view("<u4")
