@@ -1,9 +1,12 @@
 """Batched decoding: K sampled reasoning traces per question, and greedy answers for evaluation.
 
-Each prompt is run through the model once; its KV cache is copied into its rows of one batched
-cache (mlx-lm's cache ``merge``), and all rows decode together, one token per step for the whole
-batch. Finished rows are filtered out of the batch, so the remaining rows decode faster. A trace
-stops at the answer marker, at EOS, or at ``max_think_tokens``; an answer at EOS or its budget.
+All prompts of a call go through the model in one batched forward pass, once per question; the
+K trace rows of a question share that prefill (its cache rows are repeated). All rows then decode
+together, one token per step, with the host one step behind the device and a compiled sampler;
+finished rows leave the batch in bunches. For the same key the traces are those of the plain
+loop of nrt-mlx 0.1 (tests/test_rollout.py keeps a copy of it), up to float rounding of the
+logits (see ``_prefill``). A trace stops at the answer marker, at EOS, or at
+``max_think_tokens``; an answer at EOS or its budget.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
 
 from nrt_mlx.recipe import RolloutConfig
 from nrt_mlx.vocab import Vocabulary
@@ -45,57 +49,126 @@ def sample_tokens(logits: mx.array, key: mx.array, temperature: float, top_p: fl
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         before = mx.cumsum(probs, axis=-1) - probs
         sorted_logits = mx.where(before < top_p, sorted_logits, -float("inf"))
-        scaled = mx.take_along_axis(sorted_logits, mx.argsort(order, axis=-1), axis=-1)
+        # Scattered back to vocabulary order (a second argsort would give the same, slower).
+        scaled = mx.put_along_axis(scaled, order, sorted_logits, axis=-1)
     return mx.random.categorical(scaled, key=key)
 
 
-def _prefill(model: nn.Module, prompt: list[int]) -> tuple[list, mx.array]:
-    from mlx_lm.models.cache import make_prompt_cache
+# (logits [n, V], key) -> (ids [n], the key for the next step)
+Pick = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]
 
-    cache = make_prompt_cache(model)
-    logits = model(mx.array(prompt)[None], cache=cache)[:, -1, :]
-    mx.eval(logits, [c.state for c in cache])
+
+def sampler(temperature: float, top_p: float) -> Pick:
+    """``sample_tokens`` with a fresh subkey per step, compiled into one graph: the key comes in
+    as an argument (a compiled function must not draw from the global random state)."""
+
+    def pick(logits: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+        key, sub = mx.random.split(key)
+        return sample_tokens(logits, sub, temperature, top_p), key
+
+    return mx.compile(pick)
+
+
+def greedy_pick(logits: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+    return mx.argmax(logits, axis=-1), key
+
+
+# Finished rows stay in the batch (computed, never sampled) until they are at least this share of
+# it: dropping them copies every layer's KV cache and waits for the device, which costs more than
+# decoding a few spare rows (measured on SmolLM2-135M, scripts/bench_rollout.py).
+FILTER_SHARE = 0.25
+
+
+def _prefill(model: nn.Module, prompts: list[list[int]]) -> tuple[list, mx.array]:
+    """All prompts in one forward pass, right-padded (each prompt's tokens keep their positions,
+    causal attention never sees the padding after them); the cache is then rolled to mlx-lm's
+    left-padded batch layout. Returns the batch cache and each prompt's last logits [Q, V].
+
+    The logits differ from a forward pass over each prompt alone by float rounding only (~1e-6 on
+    logits of size ~10): the CPU BLAS rounds a row of a matrix product differently depending on
+    how many rows the product has, so no batching (equal-length groups included) is bit-exact.
+    Sampling changes only where two tokens are that close to a tie."""
+    rows = [make_prompt_cache(model) for _ in prompts]
+    cache = [layer.merge([row[i] for row in rows]) for i, layer in enumerate(rows[0])]
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    for c in cache:
+        c.prepare(lengths=lengths, right_padding=[width - n for n in lengths])
+    tokens = mx.array([p + [0] * (width - len(p)) for p in prompts])
+    logits = model(tokens, cache=cache)[mx.arange(len(prompts)), mx.array(lengths) - 1]
+    for c in cache:
+        c.finalize()
     return cache, logits
+
+
+def _take(cache: list, logits: mx.array, rows: list[int]) -> mx.array:
+    """Keep (or repeat) these rows of the batch cache; returns the same rows of ``logits``."""
+    idx = mx.array(rows)
+    for c in cache:
+        c.filter(idx)
+    return logits[idx]
 
 
 def _decode(
     model: nn.Module,
     prompts: list[list[int]],
     copies: int,
-    pick: Callable[[mx.array], mx.array],
+    pick: Pick,
+    key: mx.array,
     finished: Callable[[list[int]], bool],
     max_steps: int,
 ) -> tuple[list[list[int]], RolloutStats]:
-    """``copies`` continuations of each prompt, rows in prompt order; ``pick(logits) -> ids [B]``
-    chooses the next tokens and ``finished(ids so far)`` ends a row."""
+    """``copies`` continuations of each prompt, rows in prompt order; ``pick(logits, key)``
+    chooses the next tokens and ``finished(ids so far)`` ends a row.
+
+    The prompts are prefilled once each and their cache rows repeated ``copies`` times. Decoding
+    is pipelined: step t + 1 is queued on the device before the host reads the ids of step t.
+    When a row finished at step t, step t + 1 is sampled again over the rows still decoding with
+    the same key, so every step draws over exactly the live rows, as an unpipelined loop that
+    drops finished rows at once would (the random draws depend on the batch shape).
+    """
     start = time.perf_counter()
-    prefilled = [_prefill(model, p) for p in prompts]
+    cache, logits = _prefill(model, prompts)
     rows = [q for q in range(len(prompts)) for _ in range(copies)]
-    cache = [
-        prefilled[0][0][layer].merge([prefilled[q][0][layer] for q in rows])
-        for layer in range(len(prefilled[0][0]))
-    ]
-    logits = mx.repeat(mx.concatenate([lg for _, lg in prefilled], axis=0), copies, axis=0)
+    if copies > 1:
+        logits = _take(cache, logits, rows)
     out: list[list[int]] = [[] for _ in rows]
-    active = list(range(len(rows)))  # rows still decoding, in batch order
-    for _ in range(max_steps):
-        tokens = pick(logits)
-        keep = []
-        for i, t in enumerate(tokens.tolist()):
-            out[active[i]].append(t)
-            if not finished(out[active[i]]):
-                keep.append(i)
-        if not keep:
+    owner = list(range(len(rows)))  # output row of each batch row
+    live = list(range(len(rows)))  # batch rows still decoding
+    tokens, key = pick(logits, key)
+    mx.async_eval(tokens, key)
+    for step in range(max_steps):
+        if step + 1 < max_steps:  # queue the next step before reading this one
+            ids = tokens if len(live) == len(owner) else _spread(tokens, live, len(owner))
+            logits = model(ids[:, None], cache=cache)[:, -1, :]
+            nxt, nxt_key = pick(logits if len(live) == len(owner) else logits[mx.array(live)], key)
+            mx.async_eval(nxt, nxt_key)
+        ended = set()
+        for j, t in zip(live, tokens.tolist()):
+            seq = out[owner[j]]
+            seq.append(t)
+            if finished(seq):
+                ended.add(j)
+        if step + 1 == max_steps or len(ended) == len(live):
             break
-        if len(keep) < len(active):
-            idx = mx.array(keep)
-            for c in cache:
-                c.filter(idx)
-            tokens = tokens[idx]
-            active = [active[i] for i in keep]
-        logits = model(tokens[:, None], cache=cache)[:, -1, :]
+        if ended:
+            live = [j for j in live if j not in ended]
+            if len(owner) - len(live) >= FILTER_SHARE * len(owner):
+                logits = _take(cache, logits, live)
+                owner, live = [owner[j] for j in live], list(range(len(live)))
+            else:
+                logits = logits[mx.array(live)]
+            nxt, nxt_key = pick(logits, key)  # this step again, over the live rows only
+            mx.async_eval(nxt, nxt_key)
+        tokens, key = nxt, nxt_key
+    mx.synchronize()  # a step queued after the last row ended still costs its time
     seconds = time.perf_counter() - start
     return out, RolloutStats(sum(len(o) for o in out), seconds)
+
+
+def _spread(tokens: mx.array, live: list[int], size: int) -> mx.array:
+    """The live rows' ``tokens`` at their batch rows of a [size] input (finished rows get 0)."""
+    return mx.zeros((size,), dtype=tokens.dtype).at[mx.array(live)].add(tokens)
 
 
 class MarkerWatch:
@@ -161,17 +234,15 @@ def sample_traces(
         cfg.max_think_tokens,
     )
 
-    def pick(logits: mx.array) -> mx.array:
-        nonlocal key
-        key, sub = mx.random.split(key)
-        return sample_tokens(logits, sub, cfg.temperature, cfg.top_p)
-
     def finished(seq: list[int]) -> bool:
         if seq[-1] in stop or watch.written(seq):
             return True
         return len(seq) >= budget and not (len(seq) < budget + watch.window and watch.begun(seq))
 
-    seqs, stats = _decode(model, prompts, cfg.samples, pick, finished, budget + watch.window)
+    # Only a text marker begun within the budget lets a row run past it.
+    steps = budget if watch.id is not None else budget + watch.window
+    pick = sampler(cfg.temperature, cfg.top_p)
+    seqs, stats = _decode(model, prompts, cfg.samples, pick, key, finished, steps)
     traces = []
     for seq in seqs:
         think = watch.think(seq, budget) if watch.written(seq) else None
@@ -193,7 +264,8 @@ def greedy_answers(
         model,
         contexts,
         1,
-        lambda logits: mx.argmax(logits, axis=-1),
+        greedy_pick,
+        mx.random.key(0),  # unused
         lambda seq: seq[-1] in eos_ids or len(seq) >= max_tokens,
         max_tokens,
     )

@@ -1,5 +1,6 @@
 """Batched decoding: sampled traces (stops, determinism, the model's own distribution, shared
-prompt caches), top-p, and greedy answers against step-by-step argmax decoding."""
+prompt caches), top-p, greedy answers against step-by-step argmax decoding, and the pipelined
+decode loop against a plain copy of the unpipelined loop it replaced (same traces for the same key)."""
 
 from dataclasses import replace
 
@@ -7,9 +8,11 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
 
+from nrt_mlx import rollout
 from nrt_mlx.recipe import RolloutConfig
-from nrt_mlx.rollout import greedy_answers, sample_tokens, sample_traces
+from nrt_mlx.rollout import MarkerWatch, greedy_answers, sample_tokens, sample_traces, sampler
 from nrt_mlx.vocab import AnswerMarker, Vocabulary
 
 MARKER, EOS = [4], {2}  # <|reserved_1|> and <|im_end|> of the tiny tokenizer
@@ -222,3 +225,138 @@ def test_a_marker_begun_within_the_budget_may_be_completed(model_and_tokenizer, 
     [[trace]], _ = sample_traces(model, [prompt], cfg, V(tok, marker, {-1}), mx.random.key(0))
     assert trace.emitted_marker is emitted
     assert trace.tokens == (greedy[:starts_at] if emitted else greedy[:5])
+
+
+# ---- the pipelined loop against the loop it replaced ---------------------------------------------
+
+
+def reference_sample(logits, key, temperature: float, top_p: float):
+    """nrt-mlx 0.1's sampler, verbatim: top-p by two argsorts."""
+    scaled = logits.astype(mx.float32) / temperature
+    if top_p < 1.0:
+        order = mx.argsort(-scaled, axis=-1)
+        sorted_logits = mx.take_along_axis(scaled, order, axis=-1)
+        probs = mx.softmax(sorted_logits, axis=-1)
+        before = mx.cumsum(probs, axis=-1) - probs
+        sorted_logits = mx.where(before < top_p, sorted_logits, -float("inf"))
+        scaled = mx.take_along_axis(sorted_logits, mx.argsort(order, axis=-1), axis=-1)
+    return mx.random.categorical(scaled, key=key)
+
+
+def reference_traces(model, prompts, cfg: RolloutConfig, vocab: Vocabulary, key):
+    """nrt-mlx 0.1's rollout as a plain loop: each prompt prefilled on its own, caches merged,
+    one token per step for the whole batch, the ids read every step, finished rows dropped at
+    once. Returns [(trace ids, emitted marker)] per question."""
+    watch, stop, budget = (
+        MarkerWatch(vocab),
+        vocab.stop_ids(cfg.stop_at_special),
+        cfg.max_think_tokens,
+    )
+    caches, last = [], []
+    for p in prompts:
+        cache = make_prompt_cache(model)
+        last.append(model(mx.array(p)[None], cache=cache)[:, -1, :])
+        caches.append(cache)
+    rows = [q for q in range(len(prompts)) for _ in range(cfg.samples)]
+    cache = [caches[0][i].merge([caches[q][i] for q in rows]) for i in range(len(caches[0]))]
+    logits = mx.repeat(mx.concatenate(last, axis=0), cfg.samples, axis=0)
+    out, active = [[] for _ in rows], list(range(len(rows)))
+    for _ in range(budget + watch.window):
+        key, sub = mx.random.split(key)
+        tokens, keep = reference_sample(logits, sub, cfg.temperature, cfg.top_p), []
+        for i, t in enumerate(tokens.tolist()):
+            seq = out[active[i]]
+            seq.append(t)
+            done = seq[-1] in stop or watch.written(seq)
+            done = done or (
+                len(seq) >= budget and not (len(seq) < budget + watch.window and watch.begun(seq))
+            )
+            if not done:
+                keep.append(i)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            for c in cache:
+                c.filter(mx.array(keep))
+            tokens, active = tokens[mx.array(keep)], [active[i] for i in keep]
+        logits = model(tokens[:, None], cache=cache)[:, -1, :]
+    traces = []
+    for seq in out:
+        think = watch.think(seq, budget) if watch.written(seq) else None
+        if think is not None:
+            traces.append((think, True))
+        else:
+            traces.append((seq[:-1][:budget] if seq[-1] in stop else seq[:budget], False))
+    return [traces[q * cfg.samples : (q + 1) * cfg.samples] for q in range(len(prompts))]
+
+
+# Ids 300-329 end a trace like EOS: with them rows finish at many different steps.
+MANY_EOS = set(range(300, 330))
+
+
+@pytest.mark.parametrize(
+    "marker, cfg",
+    [
+        ([477], RolloutConfig(samples=4, max_think_tokens=12, temperature=0.3)),  # special, by id
+        ([73, 225], RolloutConfig(samples=4, max_think_tokens=12)),  # text "e ", decoded
+        ([73, 225], RolloutConfig(samples=3, max_think_tokens=10, temperature=0.7, top_p=0.6)),
+        ([4], RolloutConfig(samples=2, max_think_tokens=16, stop_at_special=False)),
+    ],
+    ids=["special", "text", "text-top-p", "all-specials-kept"],
+)
+@pytest.mark.parametrize("filter_share", [0.0, rollout.FILTER_SHARE, 1.0])
+def test_pipelined_traces_equal_the_plain_loop(
+    model_and_tokenizer, monkeypatch, marker, cfg, filter_share
+):
+    """Prompts of different lengths prefilled in one padded batch, the host a step behind the
+    device, finished rows dropped at once (share 0), in bunches (the default) or never (1):
+    the traces equal those of the loop this replaced, for every key. (Exact equality rests on
+    float rounding: the batched prefill and the changed batch shapes move logits by ~1e-6,
+    test_batched_prefill_matches_one_prompt_at_a_time, which changes a draw only at a near-tie.)"""
+    model, tok = model_and_tokenizer
+    monkeypatch.setattr(rollout, "FILTER_SHARE", filter_share)
+    prompts = [tok.encode("What is the capital of France? Think first."), tok.encode("one two")]
+    prompts.append(tok.encode("why is the sky blue"))
+    vocab = V(tok, marker, MANY_EOS)
+    ends = set()
+    for seed in range(3):
+        got, _ = sample_traces(model, prompts, cfg, vocab, mx.random.key(seed))
+        flat = [(t.tokens, t.emitted_marker) for g in got for t in g]
+        assert [[(t.tokens, t.emitted_marker) for t in g] for g in got] == reference_traces(
+            model, prompts, cfg, vocab, mx.random.key(seed)
+        )
+        ends |= {(len(t), m) for t, m in flat}
+    # Rows ended at several steps, by the marker and by a stop id, and some ran to the budget.
+    assert len({n for n, _ in ends}) > 3 and any(m for _, m in ends)
+    assert any(not m and n < cfg.max_think_tokens for n, m in ends)
+
+
+def test_batched_prefill_matches_one_prompt_at_a_time(model_and_tokenizer):
+    """One padded forward pass for all prompts gives each prompt's last logits and KV cache as a
+    forward pass over that prompt alone does, up to float rounding: the BLAS rounds a row
+    differently depending on how many rows its matrix product has (bit-equality is impossible)."""
+    model, tok = model_and_tokenizer
+    prompts = [tok.encode("a much longer question about the capital of France"), [7, 8], [9]]
+    cache, logits = rollout._prefill(model, prompts)
+    width = max(len(p) for p in prompts)
+    for q, p in enumerate(prompts):
+        alone = make_prompt_cache(model)
+        expected = model(mx.array(p)[None], cache=alone)[0, -1]
+        assert mx.allclose(logits[q], expected, atol=1e-5, rtol=0).item()
+        for batched, own in zip(cache, alone):  # left-padded: the prompt's keys end the row
+            keys = batched.keys[q : q + 1, :, width - len(p) : width]
+            assert mx.allclose(keys, own.keys[..., : len(p), :], atol=1e-5, rtol=0).item()
+            assert batched.offset[q].item() == len(p)  # positions continue after the prompt
+
+
+def test_the_compiled_sampler_draws_what_sample_tokens_draws():
+    """Compiling the sampler (fused kernels) must not move a single draw, nor the key chain."""
+    logits = mx.random.normal((5, 300), key=mx.random.key(1)) * 3
+    for temperature, top_p in [(1.0, 1.0), (0.7, 0.9), (1e-4, 1.0)]:
+        pick = sampler(temperature, top_p)
+        key = ref = mx.random.key(2)
+        for _ in range(20):
+            ids, key = pick(logits, key)
+            ref, sub = mx.random.split(ref)
+            assert mx.array_equal(ids, reference_sample(logits, sub, temperature, top_p)).item()
+            assert mx.array_equal(key, ref).item()
