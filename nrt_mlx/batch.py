@@ -109,12 +109,20 @@ def sft_rows(
 
 @dataclass(frozen=True)
 class Pass:
-    """Rows of a shared-prompt batch that run through the model together, padded to ``width``
-    continuation tokens; without ``grad`` their log-probs are constants of the loss (the
-    null-think rows: the loss uses them only under stop_gradient), so no backward runs for them."""
+    """Rows of a shared-prompt batch that run through the model together (nrt_mlx.prefix): their
+    think part ``[last prompt token | z]`` and, for trace rows, their answer part ``[m | y*]``
+    (each without the row's last token; targets are the tokens one further). Without ``grad``
+    the rows' log-probs are constants of the loss (the null-think rows, which run whole as their
+    think part), so no backward runs for them."""
 
     rows: mx.array  # [n] int32 rows of the batch
-    width: int
+    questions: mx.array  # [n] int32 each row's prompt in Batch.prompts
+    think: mx.array  # [n, Wa] int32 inputs, right-padded
+    think_targets: mx.array  # [n, Wa] int32
+    think_valid: mx.array  # [n, Wa] bool: real think inputs
+    answer: mx.array | None  # [n, Wb] int32 inputs, right-padded (None: null-think rows)
+    answer_targets: mx.array | None  # [n, Wb] int32
+    columns: mx.array  # [n, L]: column of [think | answer | 0] holding continuation token j
     grad: bool
 
 
@@ -239,19 +247,56 @@ def split_passes(lengths: Sequence[int]) -> list[list[int]]:
     return groups
 
 
-def _passes(body: list[Row]) -> tuple[tuple[Pass, ...], mx.array]:
-    """Trace rows in length groups (``split_passes``), then the null-think rows without gradient."""
+def _pass(
+    body: list[Row], rows: list[int], questions: list[int], last: list[int], pad_id: int,
+    width: int, grad: bool,
+) -> Pass:  # fmt: skip
+    """One ``Pass`` of ``rows``: trace rows split after their think tokens, null rows whole."""
+    n = len(rows)
+    inputs = [[last[questions[i]], *body[i].tokens[:-1]] for i in rows]
+    split = [
+        len(inputs[j]) if not grad else 1 + body[i].segments.count(THINK)
+        for j, i in enumerate(rows)
+    ]
+    wa = max(split)
+    wb = max(len(x) - s for x, s in zip(inputs, split))
+    think = np.full((n, wa), pad_id, dtype=np.int32)
+    think_targets = np.full((n, wa), pad_id, dtype=np.int32)
+    answer = np.full((n, max(wb, 1)), pad_id, dtype=np.int32)
+    answer_targets = np.full((n, max(wb, 1)), pad_id, dtype=np.int32)
+    columns = np.full((n, width), wa + wb, dtype=np.int32)  # the zero column
+    for j, (i, x, s) in enumerate(zip(rows, inputs, split)):
+        targets = body[i].tokens
+        think[j, :s], think_targets[j, :s] = x[:s], targets[:s]
+        answer[j, : len(x) - s], answer_targets[j, : len(x) - s] = x[s:], targets[s:]
+        columns[j, : len(x)] = np.concatenate([np.arange(s), wa + np.arange(len(x) - s)])
+    return Pass(
+        rows=mx.array(np.array(rows, dtype=np.int32)),
+        questions=mx.array(np.array([questions[i] for i in rows], dtype=np.int32)),
+        think=mx.array(think),
+        think_targets=mx.array(think_targets),
+        think_valid=mx.array(np.arange(wa)[None] < np.array(split)[:, None]),
+        answer=mx.array(answer) if wb else None,
+        answer_targets=mx.array(answer_targets) if wb else None,
+        columns=mx.array(columns),
+        grad=grad,
+    )
+
+
+def _passes(
+    body: list[Row], questions: list[int], last: list[int], pad_id: int
+) -> tuple[tuple[Pass, ...], mx.array]:
+    """Trace rows in groups of similar think lengths (``split_passes``), then the null-think rows
+    without gradient; and where each row lands in the passes' concatenated output."""
+    width = max(len(r.tokens) for r in body)
     trace = [i for i, r in enumerate(body) if not r.is_null]
     null = [i for i, r in enumerate(body) if r.is_null]
-    groups = [
-        ([trace[i] for i in g], True) for g in split_passes([len(body[i].tokens) for i in trace])
-    ]
+    think = [body[i].segments.count(THINK) for i in trace]
+    groups = [([trace[i] for i in g], True) for g in split_passes(think)]
     groups += [(null, False)] if null else []
-    passes = tuple(
-        Pass(mx.array(g, dtype=mx.int32), max(len(body[i].tokens) for i in g), grad)
-        for g, grad in groups
-    )
-    return passes, mx.array(np.argsort(np.concatenate([g for g, _ in groups])).astype(np.int32))
+    passes = tuple(_pass(body, g, questions, last, pad_id, width, grad) for g, grad in groups)
+    order = np.concatenate([g for g, _ in groups])
+    return passes, mx.array(np.argsort(order).astype(np.int32))
 
 
 def collate(rows: list[Row], pad_id: int, share_prompt: bool = False) -> Batch:
@@ -270,7 +315,7 @@ def collate(rows: list[Row], pad_id: int, share_prompt: bool = False) -> Batch:
         padded = np.full((len(prompts), width), pad_id, dtype=np.int32)
         for q, p in enumerate(prompts):
             padded[q, width - len(p) :] = p
-        passes, unpermute = _passes(body)
+        passes, unpermute = _passes(body, index, [p[-1] for p in prompts], pad_id)
         shared = dict(
             prompts=mx.array(padded),
             prompt_valid=mx.array(

@@ -47,23 +47,23 @@ def _scored(logits: mx.array, targets: mx.array, temperature: float) -> tuple[mx
 
 
 def _shared_forward(model: Any, batch: Batch, temperature: float) -> tuple[mx.array, mx.array]:
-    """``forward`` of a shared-prompt batch: one prompt pass, then a continuation pass per
-    ``batch.passes`` entry (nrt_mlx.prefix), each starting from the prompt's last token."""
-    caches = prefix.prompt_pass(model, batch.prompts[:, :-1], batch.prompt_valid[:, :-1])
-    last = batch.prompts[:, -1:]
-    width = batch.tokens.shape[1]
+    """``forward`` of a shared-prompt batch: one prompt pass, then each of ``batch.passes``
+    (think part, and answer part for trace rows; nrt_mlx.prefix), put back in row order."""
+    valid = batch.prompt_valid[:, :-1]
+    prompt = prefix.prompt_pass(model, batch.prompts[:, :-1], valid)
     lps, ents = [], []
     for p in batch.passes:
-        targets = batch.tokens[p.rows, : p.width]
-        q = batch.prompt_of_row[p.rows]
-        inputs = mx.concatenate([last[q], targets[:, :-1]], axis=1)
-        logits = prefix.continuation_logits(model, caches, inputs, q, batch.prompt_valid[:, :-1])
-        lp, ent = _scored(logits, targets, temperature)
-        if not p.grad:
-            lp = mx.stop_gradient(lp)
-        pad = [(0, 0), (0, width - p.width)]
-        lps.append(mx.pad(lp, pad))
-        ents.append(mx.pad(ent, pad))
+        logits = prefix.continuation_logits(
+            model, prompt, valid, p.questions, p.think, p.answer, p.think_valid
+        )
+        targets = [p.think_targets] if p.answer is None else [p.think_targets, p.answer_targets]
+        scored = [_scored(lg, t, temperature) for lg, t in zip(logits, targets)]
+        zero = mx.zeros((p.think.shape[0], 1), dtype=mx.float32)
+        lp = mx.concatenate([lp for lp, _ in scored] + [zero], axis=1)
+        ent = mx.concatenate([ent for _, ent in scored] + [zero], axis=1)
+        lp = lp if p.grad else mx.stop_gradient(lp)
+        lps.append(mx.take_along_axis(lp, p.columns, axis=1))
+        ents.append(mx.take_along_axis(ent, p.columns, axis=1))
     return mx.concatenate(lps)[batch.unpermute], mx.concatenate(ents)[batch.unpermute]
 
 

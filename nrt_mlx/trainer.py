@@ -38,13 +38,15 @@ import numpy as np
 from mlx.utils import tree_map
 
 from nrt_mlx import marker, prefix
-from nrt_mlx.batch import Batch, build_rows, collate, sft_rows
+from nrt_mlx.batch import THINK, Batch, build_rows, collate, sft_rows
 from nrt_mlx.data import Dataset, Example, drop_long, load_jsonl
 from nrt_mlx.errors import NrtError
 from nrt_mlx.model import ADAPTER_WEIGHTS, LoadedModel, adapter_config, add_adapters, load_model
 from nrt_mlx.objective import (
     Rewards,
+    answer_logprobs,
     default_normalizer,
+    forward,
     nrt_loss,
     reference_pass,
     released_normalizer,
@@ -213,7 +215,7 @@ def prepare(recipe: Recipe) -> Session:
     vocab = Vocabulary.of(loaded.tokenizer, recipe.rollout.marker)
     nrt = recipe.train.method == "nrt"
     rows = marker.setup(loaded.model, vocab, recipe.rollout.marker_rows) if nrt else False
-    shared = nrt and recipe.train.shared_prompt and _shared_prompt_fits(loaded.model)
+    shared = nrt and recipe.train.shared_prompt and _shared_prompt_fits(loaded.model, vocab)
     train = encode_dataset(train_data, vocab, recipe)
     valid = encode_dataset(valid_data, vocab, recipe) if valid_data else []
     if recipe.train.questions_per_step > len(train):
@@ -252,16 +254,45 @@ def prepare(recipe: Recipe) -> Session:
     )
 
 
-def _shared_prompt_fits(model: nn.Module) -> bool:
-    """Whether shared-prompt passes reproduce the full rows on this model (``prefix.supported``,
-    probed without LoRA dropout); warns when they do not."""
-    model.eval()
+def shared_prompt_problem(model: nn.Module, vocab: Vocabulary) -> str | None:
+    """None when shared-prompt passes give this model's full-row log-probs, else why not: its
+    caches must be plain KV caches (``prefix.cache_problem``), and probe rows (three prompts of
+    different lengths, traces of different lengths) must give the same answer and think log-probs
+    both ways within 1e-3. That catches absolute position embeddings, RoPE variants that take no
+    per-row offsets, and attention layers that build their masks in their own way."""
+    problem = prefix.cache_problem(model)
+    if problem:
+        return problem
+    words = "one two three four five six seven eight nine ten".split()
+    rows = []
+    for q, n in enumerate((1, 4, 9)):
+        prompt = vocab.encode_prompt([{"role": "user", "content": " ".join(words[:n])}])
+        traces = [Trace(vocab.encode_text(" ".join(words[: 2 + 3 * k])), False) for k in range(2)]
+        rows += build_rows(prompt, traces, vocab.marker.ids, vocab.encode_answer(words[q]), q)
+    model.eval()  # no LoRA dropout in the probe
     try:
-        why = prefix.supported(model)
+        sums = []
+        for share in (False, True):
+            batch = collate(rows, vocab.pad_id, share)
+            lp, _ = forward(model, batch)
+            think = mx.where(batch.segments == THINK, lp, 0.0).sum(axis=1, keepdims=True)
+            sums.append(mx.concatenate([answer_logprobs(lp, batch), think], axis=1))
+        full, shared = sums
+        diff = float(mx.abs(full - shared).max()) / max(float(mx.abs(full).max()), 1e-6)
+    except Exception as exc:  # a model whose layers reject the passes' caches or offsets
+        return f"its layers reject shared-prompt passes ({type(exc).__name__}: {exc})"
     finally:
         model.train()
+    if not diff <= 1e-3:
+        return f"probe log-probs differ by {diff:.1e} (relative) from the full rows"
+    return None
+
+
+def _shared_prompt_fits(model: nn.Module, vocab: Vocabulary) -> bool:
+    """``shared_prompt_problem`` as a decision, with a warning when the answer is no."""
+    why = shared_prompt_problem(model, vocab)
     if why:
-        warn(f"train.shared_prompt is off for this model ({why}); every row runs in full (slower)")
+        warn(f"train.shared_prompt is off for this model: {why}; every row runs in full (slower)")
     return why is None
 
 

@@ -104,7 +104,11 @@ def test_layout_runs_each_prompt_once(tiny) -> None:
     assert shared.num_tokens < 0.75 * full.num_tokens
     # The null-think rows form one pass without gradient, padded only to their own length.
     null = [p for p in shared.passes if not p.grad]
-    assert len(null) == 1 and null[0].width < shared.tokens.shape[1]
+    assert len(null) == 1 and null[0].answer is None
+    assert null[0].think.shape[1] < shared.tokens.shape[1]
+    # Trace rows: the answer part starts at the marker, whose input row needs the deep backward.
+    for p in (p for p in shared.passes if p.grad):
+        assert (np.array(p.answer[:, 0]) == vocab.marker.ids[0]).all()
     assert sorted(np.concatenate([np.array(p.rows) for p in shared.passes]).tolist()) == list(
         range(len(rows))
     )
@@ -114,7 +118,9 @@ def test_layout_runs_each_prompt_once(tiny) -> None:
     for b, row in enumerate(rows):
         cut = len(row.tokens) - int((np.array(shared.segments[b]) >= 0).sum())
         got = np.array(lp_shared[b, : len(row.tokens) - cut])
-        np.testing.assert_allclose(got, np.array(lp_full[b, cut : len(row.tokens)]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            got, np.array(lp_full[b, cut : len(row.tokens)]), rtol=1e-4, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize(
@@ -174,9 +180,8 @@ def test_split_passes() -> None:
     assert padded < 0.8 * 40 * max(lengths)
 
 
-def test_a_model_with_absolute_positions_is_run_in_full(tmp_path: Path, tiny_model_dir) -> None:
-    """GPT-2 adds learned position embeddings: left-padded prompts would shift them, the probe
-    sees it, and training keeps full rows."""
+def _gpt2(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A tiny GPT-2 (learned absolute position embeddings) with the tiny model's tokenizer."""
     config = {
         "model_type": "gpt2",
         "n_ctx": 128,
@@ -193,17 +198,64 @@ def test_a_model_with_absolute_positions_is_run_in_full(tmp_path: Path, tiny_mod
     from mlx_lm.utils import load_model
 
     model, _ = load_model(tmp_path, strict=False)
-    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.5, model.parameters()))
-    why = prefix.supported(model)
+    weights = tree_map(
+        lambda p: mx.random.normal(p.shape, key=mx.random.key(0)) * 0.5, model.parameters()
+    )
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(weights)))
+    return tmp_path
+
+
+def test_probe_refuses_a_model_with_absolute_positions(
+    tmp_path: Path, tiny_model_dir, tiny
+) -> None:
+    """GPT-2 adds learned position embeddings: left-padded prompts would shift them. The probe
+    sees it, and training warns and keeps full rows; the tiny Llama passes the probe."""
+    from nrt_mlx.trainer import shared_prompt_problem
+
+    assert shared_prompt_problem(*tiny) is None
+    model, tok = mlx_lm.load(str(_gpt2(tmp_path, tiny_model_dir)))
+    why = shared_prompt_problem(model, Vocabulary.of(tok, "auto"))
     assert why is not None and "differ" in why
+
+
+def test_training_uses_the_layout_and_old_runs_keep_full_rows(
+    tmp_path: Path, tiny_model_dir, capsys
+) -> None:
+    from helpers import tiny_recipe
+
+    from nrt_mlx.recipe import load_recipe, recipe_from_dict, save_recipe
+    from nrt_mlx.trainer import build_batches, prepare, sample
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_model_dir))
+    session = prepare(recipe)
+    assert session.shared_prompt
+    items = session.train[:2]
+    traces, _ = sample(session, items, mx.random.key(0))
+    batch = build_batches(session, items, traces)[0]
+    assert batch.prompts is not None and batch.prompts.shape[0] == 2
+    # A run saved before train.shared_prompt existed resumes with full rows.
+    path = tmp_path / "old.yaml"
+    save_recipe(recipe, path)
+    text = "\n".join(line for line in path.read_text().splitlines() if "shared_prompt" not in line)
+    path.write_text(text)
+    assert not load_recipe(path, saved_run=True).train.shared_prompt
+    # A model the probe refuses trains on full rows, with a warning.
+    gpt2 = _gpt2(tmp_path / "gpt2", tiny_model_dir) if (tmp_path / "gpt2").mkdir() is None else None
+    other = recipe_from_dict(
+        tiny_recipe(tmp_path, gpt2, name="gpt2run", rollout={"marker": "</m>"})
+    )
+    capsys.readouterr()
+    assert not prepare(other).shared_prompt
+    assert "train.shared_prompt is off for this model" in capsys.readouterr().err
 
 
 @pytest.mark.real
 def test_smollm2_loss_and_gradients_equal_full_rows() -> None:
     from nrt_mlx.export.default_model import default_model_dir
+    from nrt_mlx.trainer import shared_prompt_problem
 
     model, vocab = _prepare(default_model_dir())
-    assert prefix.supported(model) is None
+    assert shared_prompt_problem(model, vocab) is None
     rows = _rows(vocab, questions=2, k=2)  # prompts of different lengths, K = 2 and the null row
     full = _grads(model, collate(rows, vocab.pad_id), ObjectiveConfig())
     shared = _grads(model, collate(rows, vocab.pad_id, share_prompt=True), ObjectiveConfig())
