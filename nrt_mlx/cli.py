@@ -109,15 +109,15 @@ TEMP_HELP = "Sampling temperature of the traces, > 0 (default: the run's, else 1
 TOP_P_HELP = "Nucleus (top-p) sampling of the traces, in (0, 1] (default: the run's, else 1.0)."
 
 
-def check_sampler(temp: float | None, top_p: float | None) -> None:
-    """Refuse sampler settings before loading the model, naming the option as typed."""
-    if temp is not None and temp <= 0:
-        raise NrtError(
-            f"--temp must be > 0, got {temp}: eval and score sample K traces (mlx-lm's --temp 0 "
-            "is greedy decoding, which would make the K traces identical)"
-        )
-    if top_p is not None and not 0 < top_p <= 1:
-        raise NrtError(f"--top-p must be in (0, 1], got {top_p}")
+# The options of eval and score that set the sampler, by RolloutConfig field: recipe.rollout_problem
+# names a bad value by the option it came from.
+SAMPLER_OPTIONS = {
+    "samples": "--samples",
+    "max_think_tokens": MAX_THINK_NAMES[0],
+    "temperature": "--temp",
+    "top_p": "--top-p",
+}
+HF_CONFIG_HELP = "Configuration (subset) of an hf:owner/name --data, e.g. main for openai/gsm8k."
 
 
 def check_out_file(out: str, flag: str) -> Path:
@@ -179,23 +179,26 @@ def train(
     import yaml
 
     from nrt_mlx import trainer
-    from nrt_mlx.mlxlm_config import import_mlxlm_config, is_mlxlm_file
+    from nrt_mlx.distributed import join
+    from nrt_mlx.mlxlm_config import import_mlxlm_config, mlxlm_config_in
     from nrt_mlx.recipe import load_recipe, with_remote_code
 
     if recipe and config:
         fail("give either a recipe or --config FILE, not both")
+    group = join()  # the ranks of mlx.launch (one process without it); rank 0 alone prints
     recipe = recipe or config
     if resume:
         if recipe or print_recipe:
             fail("--resume RUN_DIR takes no recipe, --config or --print-recipe")
         run_dir = trainer.resume(
-            resume, quiet=quiet, overrides=set_, trust_remote_code=trust_remote_code
+            resume, quiet=quiet, overrides=set_, trust_remote_code=trust_remote_code, group=group
         )
     else:
         if not recipe:
             fail("missing recipe: nrt-mlx train RECIPE.yaml (or --resume RUN_DIR)")
-        if is_mlxlm_file(recipe):
-            imported = import_mlxlm_config(recipe, set_)
+        mlxlm = mlxlm_config_in(recipe)  # None: a recipe (load_recipe names what is wrong)
+        if mlxlm is not None:
+            imported = import_mlxlm_config(recipe, set_, mlxlm)
             typer.echo(imported.report(recipe))
             loaded = imported.recipe
         else:
@@ -204,7 +207,9 @@ def train(
         if print_recipe:
             typer.echo(yaml.safe_dump(loaded.to_dict(), sort_keys=False), nl=False)
             return
-        run_dir = trainer.train(loaded, quiet=quiet, trust_remote_code=trust_remote_code)
+        run_dir = trainer.train(
+            loaded, quiet=quiet, trust_remote_code=trust_remote_code, group=group
+        )
     typer.echo(f"adapters: {run_dir / 'adapters'}")
 
 
@@ -378,7 +383,13 @@ def _print(renderables: list) -> None:
 @command("eval")
 def eval_(
     data: str = typer.Option(
-        ..., "--data", help="JSONL of question/answer records (optional 'options')."
+        ...,
+        "--data",
+        help="JSONL of question/answer records (optional 'options'), a folder, or "
+        "hf:owner/name[:split].",
+    ),
+    hf_config: str | None = typer.Option(
+        None, "--hf-config", help=HF_CONFIG_HELP + " Default: the run's data.hf_config."
     ),
     model: str | None = typer.Option(
         None, "--model", help="Base model (default: the --adapter run's model)."
@@ -419,29 +430,22 @@ def eval_(
 ) -> None:
     """Answer NLL with and without reasoning, generated-answer EM (strict and flexible) and F1,
     accuracy on options, traces."""
+    from dataclasses import replace
+
     from rich.console import Console
 
     from nrt_mlx.analysis.tables import eval_tables
-    from nrt_mlx.data import load_jsonl
-    from nrt_mlx.evaluate import (
-        compile_extract,
-        eval_config,
-        evaluate,
-        load_for_eval,
-        run_extract,
-        run_rollout,
-    )
-    from nrt_mlx.recipe import DataConfig
+    from nrt_mlx.answers import compile_extract
+    from nrt_mlx.data import load_data
+    from nrt_mlx.evaluate import eval_config, evaluate, load_for_eval, run_extract, run_rollout
+    from nrt_mlx.recipe import DataConfig, rollout_problem
     from nrt_mlx.rundir import find_adapters
     from nrt_mlx.vocab import Vocabulary
 
     check_out_file(out, "--out")  # before the evaluation, whose results it would lose
-    check_sampler(temp, top_p)
     compile_extract(extract, "--extract")
     source = find_adapters(adapter) if adapter else None
     recipe = source.recipe if source else None
-    # The run's data section: same field names and system prompt as in training.
-    dataset = load_jsonl(data, recipe.data if recipe else DataConfig(), "--data")
     cfg = eval_config(
         run_rollout(source),
         samples=samples,
@@ -455,6 +459,14 @@ def eval_(
         generate=not no_generate,
         extract=extract if extract is not None else run_extract(recipe),
     )
+    problem = rollout_problem(cfg.rollout, "", SAMPLER_OPTIONS)
+    if problem:  # before the data and the model load
+        fail(problem)
+    # The run's data section: same field names and system prompt as in training.
+    data_cfg = recipe.data if recipe else DataConfig()
+    if hf_config is not None:
+        data_cfg = replace(data_cfg, hf_config=hf_config)
+    dataset = load_data(data, data_cfg, "--data")
     loaded = load_for_eval(model, source, trust_remote_code=trust_remote_code)
     vocab = Vocabulary.of(loaded.tokenizer, cfg.rollout.marker)
     report = evaluate(loaded.model, vocab, dataset.examples, cfg)
@@ -496,12 +508,7 @@ def score(
     from nrt_mlx.rundir import find_adapters
     from nrt_mlx.vocab import Vocabulary
 
-    if samples < 1:
-        fail("--samples must be at least 1")
-    check_sampler(temp, top_p)
     source = find_adapters(adapter) if adapter else None
-    loaded = load_for_eval(model, source, trust_remote_code=trust_remote_code)
-    rollout = run_rollout(source)
     given = {
         "samples": samples,
         "max_think_tokens": max_think,
@@ -509,10 +516,11 @@ def score(
         "top_p": top_p,
         "marker": marker,
     }
-    rollout = replace(rollout, **{k: v for k, v in given.items() if v is not None})
-    problem = rollout_problem(rollout, "score: ")
-    if problem:
+    rollout = replace(run_rollout(source), **{k: v for k, v in given.items() if v is not None})
+    problem = rollout_problem(rollout, "", SAMPLER_OPTIONS)
+    if problem:  # before the model loads
         fail(problem)
+    loaded = load_for_eval(model, source, trust_remote_code=trust_remote_code)
     vocab = Vocabulary.of(loaded.tokenizer, rollout.marker)
     report = token_rewards(loaded.model, vocab, question, answer, trace or None, rollout, seed)
     if as_json:

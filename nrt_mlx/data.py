@@ -157,10 +157,6 @@ def load_data(source: str | Path, cfg: DataConfig, key: str = "data.train") -> D
     return read_jsonl(p, cfg)
 
 
-# The name the trainer and the CLI import: it reads folders and Hub datasets too.
-load_jsonl = load_data
-
-
 def _load_folder(folder: Path, cfg: DataConfig, key: str) -> Dataset:
     """The folder's train/valid/test.jsonl for ``key``; a one-line error when it is missing."""
     name = FOLDER_FILES.get(key, FOLDER_TEST_FILE)

@@ -48,7 +48,8 @@ def fault_point(name: str) -> None:
     ``atomic_dir``), ``checkpoint.prune`` (an old checkpoint renamed away, not yet removed),
     ``metrics.append`` / ``samples.append`` (a log line written and fsynced) and
     ``metrics.synced`` / ``recipe.synced``... (``atomic_write_text``: the temporary file fsynced,
-    not yet renamed).
+    not yet renamed), and ``rank{R}.step`` (rank R of a data-parallel run starts a step:
+    ``NRT_MLX_FAULT=rank1.step:2`` kills rank 1 at its second step).
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:

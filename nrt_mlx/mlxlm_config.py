@@ -9,6 +9,7 @@ config has no NRT settings, so the recipe trains NRT with the default rollout an
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 
 from nrt_mlx.errors import NrtError
-from nrt_mlx.recipe import DataConfig, Recipe, RolloutConfig, TrainConfig
+from nrt_mlx.recipe import DataConfig, Recipe, RolloutConfig, TrainConfig, read_yaml_mapping
 
 RECIPE_SECTIONS = frozenset(f.name for f in dataclasses.fields(Recipe))
 
@@ -126,6 +127,21 @@ def _put(recipe: dict, dotted: str, value: Any) -> None:
     recipe.setdefault(section, {})[key] = value
 
 
+def _direct(
+    pairs: Iterable[tuple[str, str]],
+    recipe: dict,
+    notes: list[Note],
+    take: Callable[[str], Any],
+    convert: Callable[[Any], Any] = lambda value: value,
+) -> None:
+    """Keys that map one to one: each (mlx-lm key, recipe key) the config sets is put, noted."""
+    for key, target in pairs:
+        value = take(key)
+        if value is not None:
+            _put(recipe, target, convert(value))
+            notes.append(Note(key, f"{target}: {value}"))
+
+
 def recipe_from_mlxlm(config: dict[str, Any]) -> tuple[dict[str, Any], list[Note]]:
     """The recipe (nested dict, only the keys the config decides) of an mlx-lm LoRA config, and a
     note per key of the config, plus the decisions the config leaves to nrt-mlx.
@@ -142,10 +158,7 @@ def recipe_from_mlxlm(config: dict[str, Any]) -> tuple[dict[str, Any], list[Note
         seen.add(key)
         return config.get(key)
 
-    path = take("model")
-    if path is not None:
-        _put(recipe, "model.path", str(path))
-        note(Note("model", f"model.path: {path}"))
+    _direct([("model", "model.path")], recipe, notes, take, str)
     has_valid = _map_data(config, recipe, notes, take)
     _map_lora(config, recipe, notes, take)
     steps = _map_steps(config, recipe, notes, take, has_valid)
@@ -220,11 +233,8 @@ def _map_data(config: dict, recipe: dict, notes: list[Note], take: Any) -> bool:
                 f"it); add --set data.valid=hf:{data}:valid if it has that split"
             )
         notes.append(Note("data", text))
-    for key, field_name in HF_FIELDS.items():  # the same names at the top level
-        value = take(key)
-        if value is not None:
-            _put(recipe, f"data.{field_name}", str(value))
-            notes.append(Note(key, f"data.{field_name}: {value}"))
+    # The same names at the top level.
+    _direct([(k, f"data.{f}") for k, f in HF_FIELDS.items()], recipe, notes, take, str)
     length = take("max_seq_length")
     if length is not None:
         _map_max_seq_length(int(_number(length, "max_seq_length")), recipe, notes)
@@ -301,11 +311,8 @@ def _map_lora(config: dict, recipe: dict, notes: list[Note], take: Any) -> None:
             Note("fine_tune_type", f"{kind}: nrt-mlx trains LoRA/DoRA adapters; lora.type: lora")
         )
         _put(recipe, "lora.type", "lora")
-    for key in ("num_layers", "lora_layers"):  # lora_layers: its name before mlx-lm 0.20
-        value = take(key)
-        if value is not None:
-            _put(recipe, "lora.layers", value)
-            notes.append(Note(key, f"lora.layers: {value}"))
+    # lora_layers: its name before mlx-lm 0.20.
+    _direct([("num_layers", "lora.layers"), ("lora_layers", "lora.layers")], recipe, notes, take)
     params = take("lora_parameters")
     if params is None:
         return
@@ -338,10 +345,14 @@ def _map_steps(
     steps = None
     if iters is not None:
         # mlx-lm's iteration is one batch; it updates every grad_accumulation_steps iterations.
-        steps = max(1, int(_number(iters, "iters")) // max(accumulate, 1))
+        updates = int(_number(iters, "iters")) // max(accumulate, 1)
+        steps = max(1, updates)
         _put(recipe, "train.steps", steps)
         per = f" / grad_accumulation_steps {accumulate}" if accumulate > 1 else ""
-        notes.append(Note("iters", f"train.steps: {steps} (optimizer updates{per})"))
+        text = f"train.steps: {steps} (optimizer updates{per})"
+        if updates < 1:  # mlx-lm would not update at all; a run trains at least one step
+            text += f"; iters {iters} makes no update, and nrt-mlx trains at least 1 step"
+        notes.append(Note("iters", text))
     if batch is not None:
         size = int(_number(batch, "batch_size"))
         _put(recipe, "train.questions_per_step", size * max(accumulate, 1))
@@ -370,11 +381,8 @@ def _map_steps(
         notes.append(Note("val_batches", f"train.eval_questions: {questions} (0 = all)"))
     elif val_batches is not None:
         notes.append(Note("val_batches", "no valid.jsonl to evaluate on", mapped=False))
-    for key, target in (("seed", "train.seed"), ("grad_checkpoint", "train.grad_checkpoint")):
-        value = take(key)
-        if value is not None:
-            _put(recipe, target, value)
-            notes.append(Note(key, f"{target}: {value}"))
+    pairs = [("seed", "train.seed"), ("grad_checkpoint", "train.grad_checkpoint")]
+    _direct(pairs, recipe, notes, take)
     return steps
 
 
@@ -461,6 +469,14 @@ def _map_lr_schedule(schedule: Any, recipe: dict, notes: list[Note], steps: int 
     _put(recipe, "optimizer.warmup_ratio", ratio)
     text += f"; warmup {warmup} of {total} steps: optimizer.warmup_ratio {ratio:g}"
     notes.append(Note("lr_schedule", text))
+    # mlx-lm's cosine reaches its end after warmup + decay_steps updates; nrt-mlx's at the last step.
+    decay_span = total - min(warmup, total - 1)
+    if name == "cosine_decay" and len(numbers) > 1 and numbers[1] != decay_span:
+        text = (
+            f"cosine_decay's decay_steps {numbers[1]:g} is not used: nrt-mlx's cosine decays over "
+            f"the {decay_span} steps after the warm-up (set iters to warmup + decay_steps to match)"
+        )
+        notes.append(Note("lr_schedule.arguments[1]", text, mapped=False))
     if schedule.get("warmup_init"):
         notes.append(
             Note(
@@ -484,15 +500,12 @@ def _map_run(config: dict, recipe: dict, notes: list[Note], take: Any) -> None:
             )
         )
     _map_report_to(take("report_to"), recipe, notes)
-    for key, target in (
+    pairs = [
         ("save_every", "run.save_every"),
         ("steps_per_report", "run.log_every"),
         ("project_name", "train.report_project"),
-    ):
-        value = take(key)
-        if value is not None:
-            _put(recipe, target, value)
-            notes.append(Note(key, f"{target}: {value}"))
+    ]
+    _direct(pairs, recipe, notes, take)
 
 
 def _map_report_to(targets: Any, recipe: dict, notes: list[Note]) -> None:
@@ -517,25 +530,17 @@ def read_mlxlm_config(path: str | Path) -> dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise NrtError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        why = getattr(err, "problem", None) or getattr(err, "strerror", None) or "not UTF-8 text"
-        raise NrtError(f"{p}:{line} cannot be read as a YAML config ({why})") from None
-    if not isinstance(data, dict):
-        raise NrtError(f"{p}: expected a mapping of mlx-lm options (model:, data:, iters:, ...)")
-    return data
+    return read_yaml_mapping(p, "mlx-lm options (model:, data:, iters:, ...)")
 
 
-def is_mlxlm_file(path: str | Path) -> bool:
-    """True when ``path`` reads as an mlx-lm config (anything unreadable is left to the recipe
-    loader, whose errors name the problem)."""
+def mlxlm_config_in(path: str | Path) -> dict[str, Any] | None:
+    """The mlx-lm config ``path`` holds, or None when it reads as a recipe (anything unreadable is
+    left to the recipe loader, whose errors name the problem)."""
     try:
-        return is_mlxlm_config(read_mlxlm_config(path))
+        data = read_mlxlm_config(path)
     except NrtError:
-        return False
+        return None
+    return data if is_mlxlm_config(data) else None
 
 
 @dataclass
@@ -567,12 +572,15 @@ class Imported:
         return "\n".join(lines)
 
 
-def import_mlxlm_config(path: str | Path, overrides: list[str] | None = None) -> Imported:
-    """Read an mlx-lm config, map it (``recipe_from_mlxlm``), apply ``--set`` overrides and
-    validate as a recipe; relative paths are taken from the working folder, as mlx-lm does."""
+def import_mlxlm_config(
+    path: str | Path, overrides: list[str] | None = None, config: dict[str, Any] | None = None
+) -> Imported:
+    """Read an mlx-lm config (``config``: its mapping, already read by ``mlxlm_config_in``), map it
+    (``recipe_from_mlxlm``), apply ``--set`` overrides and validate as a recipe; relative paths
+    are taken from the working folder, as mlx-lm does."""
     from nrt_mlx.recipe import _absolute_paths, apply_overrides, recipe_from_dict
 
-    made, notes = recipe_from_mlxlm(read_mlxlm_config(path))
+    made, notes = recipe_from_mlxlm(read_mlxlm_config(path) if config is None else config)
     overrides = overrides or []
     apply_overrides(made, overrides)
     recipe = recipe_from_dict(made, f"{path} (mlx-lm config, as a recipe)")

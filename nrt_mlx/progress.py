@@ -32,9 +32,18 @@ def format_metrics(m: dict[str, Any]) -> str:
 class Reporter:
     """Shows progress; ``warn`` prints a line that stays visible above the bar."""
 
-    def __init__(self, total: int, start: int = 0, quiet: bool = False, log_every: int = 1) -> None:
+    def __init__(
+        self,
+        total: int,
+        start: int = 0,
+        quiet: bool = False,
+        log_every: int = 1,
+        silent: bool = False,
+    ) -> None:
+        """``silent``: show nothing at all (ranks other than 0 under mlx.launch)."""
         self.log_every = max(1, log_every)
-        self.quiet = quiet or not sys.stderr.isatty()
+        self.silent = silent
+        self.quiet = quiet or silent or not sys.stderr.isatty()
         self.console = Console(stderr=True)
         self.start_time = time.perf_counter()
         self.progress: Progress | None = None
@@ -60,11 +69,13 @@ class Reporter:
                 f" | {metrics.get('sample_tokens_per_s', 0):.0f} tok/s"
             )
             self.progress.update(self.task, advance=1, info=info)
-        elif metrics["step"] % self.log_every == 0:
+        elif metrics["step"] % self.log_every == 0 and not self.silent:
             elapsed = time.perf_counter() - self.start_time
             print(f"{format_metrics(metrics)} | {elapsed:.0f}s", file=sys.stderr, flush=True)
 
     def warn(self, message: str) -> None:
+        if self.silent:
+            return
         if self.progress is not None:
             self.progress.console.print(f"[bold yellow]warning:[/] {message}")
         else:

@@ -16,6 +16,7 @@ import shlex
 from importlib.resources import files
 from pathlib import Path
 
+from nrt_mlx.data import HF_PREFIX
 from nrt_mlx.errors import NrtError
 from nrt_mlx.evaluate import EvalReport
 from nrt_mlx.recipe import Recipe, load_recipe
@@ -127,7 +128,9 @@ def next_steps(recipe: Recipe, question: str) -> list[tuple[str, str]]:
     max_tokens = recipe.rollout.max_think_tokens + recipe.data.max_answer_tokens
     # The run's name as a valid Hub repo name (letters, digits, "_", ".", "-").
     repo_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", run.name).strip("-.") or "nrt-model"
-    run_q, fused_q, data_q = (shlex.quote(_short(p)) for p in (run, fused, Path(data)))
+    run_q, fused_q = (shlex.quote(_short(p)) for p in (run, fused))
+    # A Hub dataset (hf:owner/name[:split]) is no path: given to eval as it is.
+    data_q = shlex.quote(data if data.startswith(HF_PREFIX) else _short(Path(data)))
     return [
         (
             "merge the adapters into the base: a standalone mlx-lm model",

@@ -68,6 +68,22 @@ class RolloutConfig:
     marker_rows: Literal["eos", "keep"] = "eos"
     stop_at_special: bool = True  # any special token ends a trace (dropped; the marker follows)
     think_prefix: str = ""  # text appended to the generation prompt before the trace
+    # Training's random draws: "row" = each trace row draws from its own key (from the step's key
+    # and the row's index in the step), so a run on N processes (mlx.launch) samples the traces
+    # one process would; "batch" = one key per decode step for the whole batch (runs saved before)
+    sample_keys: Literal["row", "batch"] = "row"
+
+
+# objective.AGGREGATORS' names, here so that validating a recipe imports no MLX (tests/test_recipe.py
+# checks that the two agree).
+AGGREGATOR_NAMES = (
+    "log_prob",
+    "prob",
+    "geometric_mean",
+    "arithmetic_mean",
+    "weighted_sum_inverse_prob",
+    "weighted_sum_log_prob",
+)
 
 
 @dataclass
@@ -285,8 +301,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "-
 # A run's recipe.yaml records every key its version had. A key it lacks is newer than the run: it
 # takes the value that reproduces what the run's version did, so old runs resume unchanged.
 SAVED_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "rollout": {"marker_rows": "keep", "stop_at_special": False},  # nrt-mlx 0.1
-    "train": {"shared_prompt": False},  # before shared-prompt training: full rows, same figures
+    # marker_rows, stop_at_special: nrt-mlx 0.1; sample_keys: before data-parallel training
+    "rollout": {"marker_rows": "keep", "stop_at_special": False, "sample_keys": "batch"},
+    # shared_prompt: full rows, same figures; memory_check: a run that trained is not refused now
+    "train": {"shared_prompt": False, "memory_check": False},
 }
 
 
@@ -370,6 +388,26 @@ def with_remote_code(cfg: ModelConfig, allowed: bool, source: str) -> ModelConfi
     return dataclasses.replace(cfg, trust_remote_code=allowed)
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping in the YAML file ``path`` (an empty file: {}). A file that cannot be read, is
+    not UTF-8 or not YAML (with its line), or holds no mapping of ``what`` is one line naming it."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise NrtError(
+            f"{path}:{line} is not valid YAML ({getattr(err, 'problem', err)})"
+        ) from None
+    except UnicodeDecodeError:
+        raise NrtError(f"{path}: not a text file (not UTF-8); give a YAML file") from None
+    except OSError as err:
+        raise NrtError(f"{path}: cannot read it ({err.strerror})") from None
+    if not isinstance(data, dict):
+        raise NrtError(f"{path}: expected a mapping of {what}")
+    return data
+
+
 def load_recipe(
     path: str | Path, overrides: list[str] | None = None, saved_run: bool = False
 ) -> Recipe:
@@ -389,20 +427,7 @@ def load_recipe(
             else ""
         )
         raise NrtError(f"{path}: is a directory, not a recipe file (give the YAML file){hint}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise NrtError(
-            f"{path}:{line} is not valid YAML ({getattr(err, 'problem', err)})"
-        ) from None
-    except UnicodeDecodeError:
-        raise NrtError(f"{path}: not a text file (not UTF-8); give a YAML recipe") from None
-    except OSError as err:
-        raise NrtError(f"{path}: cannot read it ({err.strerror})") from None
-    if not isinstance(data, dict):
-        raise NrtError(f"{path}: expected a mapping of sections (model:, data:, ...)")
+    data = read_yaml_mapping(path, "sections (model:, data:, ...)")
     if saved_run:
         for section, values in SAVED_RUN_DEFAULTS.items():
             given = data.get(section) or {}
@@ -445,8 +470,7 @@ def _absolute_paths(recipe: Recipe, base: Path, from_command_line: set[str]) -> 
 
 def validate(recipe: Recipe, source: str = "recipe") -> None:
     """Value checks that types cannot express: every key with a range, one line naming it."""
-    from nrt_mlx.evaluate import compile_extract
-    from nrt_mlx.objective import AGGREGATORS
+    from nrt_mlx.answers import compile_extract
 
     compile_extract(recipe.train.eval_extract, f"{source}: train.eval_extract")
     q = recipe.model.quantize
@@ -455,10 +479,10 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             f"{source}: model.quantize must be auto, none or a bit width "
             f"({', '.join(map(str, QUANTIZE_BITS))}), got {q!r}"
         )
-    if recipe.objective.aggregator not in AGGREGATORS:
+    if recipe.objective.aggregator not in AGGREGATOR_NAMES:
         raise NrtError(
             f"{source}: objective.aggregator '{recipe.objective.aggregator}' is unknown, "
-            f"valid: {', '.join(AGGREGATORS)}"
+            f"valid: {', '.join(AGGREGATOR_NAMES)}"
         )
     problem = rollout_problem(recipe.rollout, "rollout.")
     if problem:
@@ -571,8 +595,13 @@ def _run_ranges(r: Recipe) -> list[Range]:
     return out
 
 
-def rollout_problem(r: RolloutConfig, prefix: str) -> str | None:
-    """What is wrong with the sampler settings (keys named with ``prefix``), or None."""
+def rollout_problem(
+    r: RolloutConfig, prefix: str, names: dict[str, str] | None = None
+) -> str | None:
+    """What is wrong with the sampler settings, or None. Keys are named with ``prefix``, or as
+    ``names`` maps them (the command-line option a key was given as, e.g. temperature: --temp)."""
+    # mlx-lm's --temp 0 is greedy decoding: a user may try it, so say why it cannot work here.
+    greedy = ": K traces are sampled per question, and temperature 0 (greedy) makes them identical"
     for ok, key, rule, value in (
         (r.samples >= 1, "samples", "must be at least 1", r.samples),
         (r.max_think_tokens >= 1, "max_think_tokens", "must be at least 1", r.max_think_tokens),
@@ -580,7 +609,8 @@ def rollout_problem(r: RolloutConfig, prefix: str) -> str | None:
         (0 < r.top_p <= 1, "top_p", "must be in (0, 1]", r.top_p),
     ):
         if not ok:
-            return f"{prefix}{key} {rule}, got {value}"
+            name = (names or {}).get(key, f"{prefix}{key}")
+            return f"{name} {rule}, got {value}{greedy if key == 'temperature' else ''}"
     return None
 
 

@@ -41,6 +41,11 @@ class RolloutStats:
 
 def sample_tokens(logits: mx.array, key: mx.array, temperature: float, top_p: float) -> mx.array:
     """One token per row [B], with temperature and nucleus (top-p) filtering."""
+    return mx.random.categorical(_filtered(logits, temperature, top_p), key=key)
+
+
+def _filtered(logits: mx.array, temperature: float, top_p: float) -> mx.array:
+    """Logits [B, V] at ``temperature``, with -inf outside the top-p nucleus."""
     scaled = logits.astype(mx.float32) / temperature
     if top_p < 1.0:
         order = mx.argsort(-scaled, axis=-1)
@@ -51,7 +56,7 @@ def sample_tokens(logits: mx.array, key: mx.array, temperature: float, top_p: fl
         sorted_logits = mx.where(before < top_p, sorted_logits, -float("inf"))
         # Scattered back to vocabulary order (a second argsort would give the same, slower).
         scaled = mx.put_along_axis(scaled, order, sorted_logits, axis=-1)
-    return mx.random.categorical(scaled, key=key)
+    return scaled
 
 
 # (logits [n, V], key) -> (ids [n], the key for the next step)
@@ -67,6 +72,24 @@ def sampler(temperature: float, top_p: float) -> Pick:
         return sample_tokens(logits, sub, temperature, top_p), key
 
     return mx.compile(pick)
+
+
+def row_sampler(temperature: float, top_p: float) -> Pick:
+    """``sampler`` with one key per row (``keys`` [n, 2], in the order of the logits' rows): each
+    row's draw depends on its own key alone, not on which other rows share the batch."""
+
+    def pick(logits: mx.array, keys: mx.array) -> tuple[mx.array, mx.array]:
+        both = mx.vmap(mx.random.split)(keys)  # [n, 2, 2]: the next key and this step's subkey
+        draw = mx.vmap(lambda row, key: mx.random.categorical(row, key=key))
+        return draw(_filtered(logits, temperature, top_p), both[:, 1]), both[:, 0]
+
+    return mx.compile(pick)
+
+
+def row_keys(key: mx.array, rows: list[int]) -> mx.array:
+    """[R, 2]: the key of each row, from ``key`` and the row's index alone (a hash of the two)."""
+    mixed = key[None] ^ mx.array([[0, r] for r in rows], dtype=mx.uint32)
+    return mx.vmap(lambda k: mx.random.split(k)[0])(mixed)
 
 
 def greedy_pick(logits: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
@@ -117,9 +140,11 @@ def _decode(
     key: mx.array,
     finished: Callable[[list[int]], bool],
     max_steps: int,
+    per_row: bool = False,
 ) -> tuple[list[list[int]], RolloutStats]:
     """``copies`` continuations of each prompt, rows in prompt order; ``pick(logits, key)``
-    chooses the next tokens and ``finished(ids so far)`` ends a row.
+    chooses the next tokens and ``finished(ids so far)`` ends a row. ``per_row``: ``key`` holds
+    one key per row ([rows, 2], ``row_sampler``), and rows that end take their keys with them.
 
     The prompts are prefilled once each and their cache rows repeated ``copies`` times. Decoding
     is pipelined: step t + 1 is queued on the device before the host reads the ids of step t.
@@ -152,7 +177,10 @@ def _decode(
         if step + 1 == max_steps or len(ended) == len(live):
             break
         if ended:
-            live = [j for j in live if j not in ended]
+            kept = [i for i, j in enumerate(live) if j not in ended]
+            live = [live[i] for i in kept]
+            if per_row:  # the same step's keys, of the rows still decoding
+                key = key[mx.array(kept)]
             if len(owner) - len(live) >= FILTER_SHARE * len(owner):
                 logits = _take(cache, logits, live)
                 owner, live = [owner[j] for j in live], list(range(len(live)))
@@ -221,8 +249,15 @@ def sample_traces(
     cfg: RolloutConfig,
     vocab: Vocabulary,
     key: mx.array,
+    questions: list[int] | None = None,
 ) -> tuple[list[list[Trace]], RolloutStats]:
     """``cfg.samples`` traces per prompt, traces[q][k]; ``key`` makes them deterministic.
+
+    ``questions``: the index of each prompt's question among all those sampled with ``key`` (by
+    every process of a run). Given, trace row k of question i draws every token from its own key,
+    derived from ``key`` and i * K + k (``rollout.sample_keys: row``), so a trace does not depend
+    on the other rows of the batch: a run on several processes samples what one process would.
+    None: one key per decode step for the whole batch (``batch``, runs saved before ``row``).
 
     A trace ends when the model writes the marker, writes EOS (or, with ``cfg.stop_at_special``,
     any special token; that token is dropped), or reaches ``cfg.max_think_tokens`` (cut there; a
@@ -241,8 +276,14 @@ def sample_traces(
 
     # Only a text marker begun within the budget lets a row run past it.
     steps = budget if watch.id is not None else budget + watch.window
-    pick = sampler(cfg.temperature, cfg.top_p)
-    seqs, stats = _decode(model, prompts, cfg.samples, pick, key, finished, steps)
+    k = cfg.samples
+    if questions is None:
+        pick = sampler(cfg.temperature, cfg.top_p)
+    else:
+        pick = row_sampler(cfg.temperature, cfg.top_p)
+        key = row_keys(key, [i * k + j for i in questions for j in range(k)])
+    per_row = questions is not None
+    seqs, stats = _decode(model, prompts, k, pick, key, finished, steps, per_row)
     traces = []
     for seq in seqs:
         think = watch.think(seq, budget) if watch.written(seq) else None
@@ -252,7 +293,6 @@ def sample_traces(
             traces.append(Trace(seq[:-1][:budget], False))
         else:
             traces.append(Trace(seq[:budget], False))
-    k = cfg.samples
     return [traces[q * k : (q + 1) * k] for q in range(len(prompts))], stats
 
 

@@ -14,6 +14,10 @@ One NRT step (``train.method: nrt``; docs/NRT.md, "One training step"):
    accumulated, weighted by the micro-batch's share of the mini-batch's trace rows, and clipped;
 4. ``step_metrics``: the step's figures, read from the device once.
 
+Under ``mlx.launch`` (``nrt_mlx.distributed``) every rank does 1-3 for its block of each
+mini-batch's questions; the ranks' gradients are summed before each update, so every rank makes
+the update one process would make, and rank 0 alone logs and writes the run directory.
+
 ``train.method: sft`` trains plain LoRA SFT on ``[prompt | y* EOS]``: the baseline to compare with.
 All randomness of a step comes from ``step_key(seed, step)``, so a resumed run repeats an
 uninterrupted one exactly.
@@ -27,7 +31,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +41,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from nrt_mlx import marker, prefix
+from nrt_mlx import distributed, marker, prefix
 from nrt_mlx.batch import THINK, Batch, build_rows, collate, sft_rows
-from nrt_mlx.data import Dataset, Example, drop_long, load_jsonl
+from nrt_mlx.data import Dataset, Example, drop_long
+from nrt_mlx.data import load_data as load_jsonl  # prepare still calls it by its old name
+from nrt_mlx.distributed import Group
 from nrt_mlx.errors import NrtError
+from nrt_mlx.fileio import fault_point
 from nrt_mlx.model import ADAPTER_WEIGHTS, LoadedModel, adapter_config, add_adapters, load_model
 from nrt_mlx.objective import (
     Rewards,
@@ -54,7 +61,7 @@ from nrt_mlx.objective import (
     sft_loss,
 )
 from nrt_mlx.progress import Reporter
-from nrt_mlx.recipe import Recipe, resume_overrides, save_recipe, with_remote_code
+from nrt_mlx.recipe import Recipe, recipe_from_dict, resume_overrides, save_recipe, with_remote_code
 from nrt_mlx.rollout import RolloutStats, Trace, sample_traces
 from nrt_mlx.rundir import RunDir
 from nrt_mlx.stats import trace_stats
@@ -85,6 +92,7 @@ class Session:
     data_report: str  # what was kept and skipped of data.train
     shared_prompt: bool = False  # NRT batches in the shared-prompt layout (nrt_mlx.prefix)
     position: int = 0  # questions consumed so far (the data position a checkpoint saves)
+    group: Group = field(default_factory=Group)  # the processes training the run (mlx.launch)
 
 
 @dataclass
@@ -169,7 +177,9 @@ def step_key(seed: int, step: int) -> tuple[mx.array, int]:
 
 
 def warn(message: str) -> None:
-    """A one-line warning on stderr, shown with --quiet too."""
+    """A one-line warning on stderr, shown with --quiet too (by rank 0 alone under mlx.launch)."""
+    if distributed.launched_rank():
+        return
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -200,9 +210,10 @@ def ready_to_train(recipe: Recipe, trust_remote_code: bool, source: str) -> None
     check_fits(recipe, source)  # the memory plan, from config.json alone: before any weight loads
 
 
-def prepare(recipe: Recipe) -> Session:
+def prepare(recipe: Recipe, group: Group | None = None) -> Session:
     """Load data, model and adapters, and create the optimizer, for a recipe ``ready_to_train``
-    accepted, in a run directory its caller holds (``RunDir.claim`` or ``RunDir.lock``)."""
+    accepted, in a run directory its caller holds (``RunDir.claim`` or ``RunDir.lock``; rank 0 of
+    a ``group``: the other ranks never write it)."""
     run = RunDir(Path(recipe.run.dir))
     train_data = load_jsonl(recipe.data.train, recipe.data, "data.train")
     valid_data = (
@@ -251,6 +262,7 @@ def prepare(recipe: Recipe) -> Session:
         normalizer=default_normalizer(recipe),
         data_report=train_data.report(),
         shared_prompt=shared,
+        group=group or Group(),
     )
 
 
@@ -300,14 +312,24 @@ def _shared_prompt_fits(model: nn.Module, vocab: Vocabulary) -> bool:
 
 
 def sample(
-    session: Session, items: list[Encoded], key: mx.array
+    session: Session, items: list[Encoded], key: mx.array, questions: list[int] | None = None
 ) -> tuple[list[list[Trace]], RolloutStats]:
-    """K traces per question from the current weights, without LoRA dropout."""
+    """K traces per question from the current weights, without LoRA dropout; ``questions`` are
+    the items' indices among the step's questions (default 0, 1, ...): with
+    ``rollout.sample_keys: row`` every trace row's key derives from its index."""
+    cfg, g = session.recipe.rollout, session.group
+    if not items:  # a rank without a share of this step (fewer questions than ranks)
+        return [], RolloutStats(0, 0.0)
+    rows: list[int] | None = list(range(len(items))) if questions is None else questions
+    if cfg.sample_keys == "batch":
+        rows = None
+        if g.size > 1:  # the ranks' batches must not draw the same numbers
+            key = mx.random.split(key, g.size)[g.rank]
     model = session.loaded.model
     model.eval()
     try:
         prompts = [it.prompt for it in items]
-        return sample_traces(model, prompts, session.recipe.rollout, session.vocab, key)
+        return sample_traces(model, prompts, cfg, session.vocab, key, rows)
     finally:
         model.train()
 
@@ -364,14 +386,19 @@ def update(
     minis: list[list[Batch]],
     fixed: list[list[Rewards | None]],
     normalizer: float,
-) -> tuple[list[dict[str, mx.array]], mx.array]:
+    totals: list[int],
+) -> tuple[list[dict[str, mx.array]], tuple[mx.array, mx.array]]:
     """``updates_per_rollout`` epochs over the step's mini-batches, one optimizer update per
     mini-batch (LoRA dropout on), the loss divided by ``normalizer``.
 
+    A micro-batch's gradient is weighted by its share of its mini-batch's trace rows on all ranks
+    (``totals``); the ranks' sums are summed (``Group.sum_tree``) and clipped, so every rank makes
+    the update one process would make with the whole mini-batch.
+
     Returns each micro-batch's loss figures of the first epoch (device arrays, mini-batch after
-    mini-batch) and the clip fraction over all updates.
+    mini-batch) and the clipped and counted tokens of the ratio over all updates.
     """
-    r, model = session.recipe, session.loaded.model
+    r, model, group = session.recipe, session.loaded.model, session.group
     nrt = r.train.method == "nrt"
     schedule = lr_schedule(r)
 
@@ -390,8 +417,7 @@ def update(
     first: list[dict[str, mx.array]] = []
     clipped, counted = mx.array(0), mx.array(0)
     for n in range(r.train.updates_per_rollout):
-        for mini, mini_fixed in zip(minis, fixed):
-            total_rows = sum(b.trace_rows for b in mini)
+        for mini, mini_fixed, total_rows in zip(minis, fixed, totals):
             grads = None
             for b, f in zip(mini, mini_fixed):
                 (_, figures), g = value_and_grad(model, b, b.trace_rows / total_rows, f)
@@ -404,6 +430,9 @@ def update(
                 mx.eval(grads, figures)  # one micro-batch's graph at a time bounds the memory
                 if n == 0:
                     first.append(figures)
+            if grads is None:  # no question of this mini-batch is this rank's
+                grads = tree_map(mx.zeros_like, model.trainable_parameters())
+            grads = group.sum_tree(grads, "the gradient all-reduce")
             if r.optimizer.grad_clip > 0:
                 grads, _ = optim.clip_grad_norm(grads, r.optimizer.grad_clip)
             session.optimizer.update(model, grads)
@@ -411,45 +440,104 @@ def update(
             # so that the rate a step logs (and a checkpoint keeps) is its first update's.
             session.optimizer.learning_rate = schedule(session.optimizer.step)
             mx.eval(model.trainable_parameters(), session.optimizer.state)
-    return first, clipped / mx.maximum(counted, 1)
+    return first, (clipped, counted)
+
+
+def step_scale(session: Session, minis: list[list[Batch]]) -> tuple[float, list[int]]:
+    """N of the step's loss, and the trace rows of each mini-batch, over every rank's share."""
+    mine = {
+        "rows": [sum(b.trace_rows for b in mini) for mini in minis],
+        "width": response_width([b for mini in minis for b in mini]),
+    }
+    parts = session.group.gather(mine, "the batch sizes of the step")
+    totals = [sum(p["rows"][m] for p in parts) for m in range(len(minis))]
+    normalizer = session.normalizer
+    if normalizer is None:  # the whole rollout's width, whatever its mini- and micro-batches
+        normalizer = released_normalizer(max(p["width"] for p in parts))
+    return normalizer, totals
+
+
+LOSS_FIGURES = ("loss", "trace_loss", "token_loss", "format_loss")
+
+
+def read_figures(
+    minis: list[list[Batch]],
+    figures: list[dict[str, mx.array]],
+    traces: list[list[list[Trace]]],
+    clip: tuple[mx.array, mx.array],
+    rollout: RolloutStats,
+) -> dict[str, Any]:
+    """This rank's share of the step's figures as plain values, read from the device in one sync:
+    per mini-batch, its micro-batches' figures and its questions' traces (for ``gather``)."""
+    mx.eval(figures, clip)
+    flat = iter(figures)
+    return {
+        "records": [[_micro_record(b, next(flat)) for b in mini] for mini in minis],
+        "traces": [[[[t.tokens, t.emitted_marker] for t in q] for q in mini] for mini in traces],
+        "clip": [float(clip[0]), float(clip[1])],
+        "sampled": [rollout.tokens, rollout.seconds],
+        "peak": mx.get_peak_memory(),
+    }
+
+
+def _micro_record(b: Batch, f: dict[str, mx.array]) -> dict[str, Any]:
+    record = {
+        "rows": b.trace_rows,
+        "tokens": b.num_tokens,
+        "think_tokens": b.think_tokens,
+        "loss": {k: float(f[k]) for k in LOSS_FIGURES if k in f},
+        "null": np.array(b.is_null).tolist(),
+        "nll": np.array(f["answer_nll"]).tolist(),
+    }
+    if "trace_reward" in f:
+        record["reward"] = np.array(f["trace_reward"]).tolist()
+        record["entropy"] = float(f["think_entropy"].sum())
+    return record
 
 
 def step_metrics(
-    session: Session,
-    batches: list[Batch],
-    figures: list[dict[str, mx.array]],
-    clip_fraction: mx.array,
-    traces: list[list[Trace]] | None,
-) -> tuple[dict[str, float], list[float]]:
-    """The step's figures, read from the device in one sync, and the trace reward of each trace.
+    session: Session, parts: list[dict[str, Any]]
+) -> tuple[dict[str, float], list[list[Trace]] | None, list[float]]:
+    """The step's figures from every rank's ``read_figures`` (sums and counts over all rows, in
+    the order of the step's questions), the traces of the step and the reward of each trace.
 
     Loss terms and answer NLL are means over trace rows (``null_answer_nll`` over null-think rows);
     then ``trace_stats`` of the traces with their rewards and the entropy over the rows' think tokens.
     """
-    mx.eval(figures, clip_fraction)
-    total = sum(b.trace_rows for b in batches)
+    minis = range(len(parts[0]["records"]))
+    records = [rec for m in minis for p in parts for rec in p["records"][m]]
+    total = sum(rec["rows"] for rec in records)
     out: dict[str, float] = {}
-    for key in ("loss", "trace_loss", "token_loss", "format_loss"):
-        if key in figures[0]:
-            out[key] = sum(float(f[key]) * b.trace_rows for f, b in zip(figures, batches)) / total
-    null = np.concatenate([np.array(b.is_null) for b in batches])
-    nll = np.concatenate([np.array(f["answer_nll"]) for f in figures])
+    for key in LOSS_FIGURES:
+        if key in records[0]["loss"]:
+            out[key] = sum(rec["loss"][key] * rec["rows"] for rec in records) / total
+    null = np.concatenate([np.array(rec["null"], dtype=bool) for rec in records])
+    nll = np.concatenate([np.array(rec["nll"], dtype=np.float32) for rec in records])
     out["answer_nll"] = float(nll[~null].mean())
-    if traces is None:
-        return out, []
+    if session.recipe.train.method != "nrt":
+        return out, None, []
     out["null_answer_nll"] = float(nll[null].mean())
     if updates_per_step(session.recipe) > 1:
-        out["clip_fraction"] = float(clip_fraction)
-    rewards = np.concatenate([np.array(f["trace_reward"]) for f in figures])[~null].tolist()
-    entropy = sum(float(f["think_entropy"].sum()) for f in figures)
+        clipped, counted = (np.float32(sum(p["clip"][i] for p in parts)) for i in (0, 1))
+        out["clip_fraction"] = float(clipped / max(counted, np.float32(1)))
+    rewards = np.concatenate([np.array(rec["reward"], dtype=np.float32) for rec in records])
+    rewards = rewards[~null].tolist()
+    entropy = sum(rec["entropy"] for rec in records)
+    traces = [
+        [Trace(tokens, emitted) for tokens, emitted in q]
+        for m in minis
+        for p in parts
+        for q in p["traces"][m]
+    ]
+    think_tokens = sum(rec["think_tokens"] for rec in records)
     flat = [t for group in traces for t in group]
-    think_tokens = sum(b.think_tokens for b in batches)
-    return out | trace_stats(flat, entropy, think_tokens, rewards), rewards
+    return out | trace_stats(flat, entropy, think_tokens, rewards), traces, rewards
 
 
 def train_step(session: Session, step: int) -> StepResult:
-    """One step: sample, build batches, update, and the step's metrics."""
-    r = session.recipe
+    """One step: sample, build batches, update, and the step's metrics. Under mlx.launch each
+    rank takes its block of every mini-batch's questions (``Group.share``)."""
+    r, g = session.recipe, session.group
     sample_key, dropout_seed = step_key(r.train.seed, step)
     mx.random.seed(dropout_seed)
     idx = question_indices(
@@ -460,30 +548,37 @@ def train_step(session: Session, step: int) -> StepResult:
         r.data.shuffle,
     )
     items = [session.train[i] for i in idx]
-    traces, rollout = (
-        sample(session, items, sample_key) if r.train.method == "nrt" else (None, None)
-    )
-    minis = [
-        build_batches(session, items[a:b], None if traces is None else traces[a:b])
-        for a, b in mini_batch_bounds(len(items), r.train.mini_batches)
-    ]
-    normalizer = session.normalizer
-    if normalizer is None:  # the whole rollout's width, whatever its mini- and micro-batches
-        normalizer = released_normalizer(response_width([b for mini in minis for b in mini]))
+    shares = [g.share(a, b) for a, b in mini_batch_bounds(len(items), r.train.mini_batches)]
+    mine = [q for share in shares for q in share]
+    traces, rollout = None, RolloutStats(0, 0.0)
+    if r.train.method == "nrt":
+        # The questions' indices in the step, when they are not 0, 1, ... (one process).
+        given = {} if mine == list(range(len(mine))) else {"questions": mine}
+        traces, rollout = sample(session, [items[q] for q in mine], sample_key, **given)
+    minis, by_mini, at = [], [], 0
+    for share in shares:
+        part = None if traces is None else traces[at : at + len(share)]
+        minis.append(build_batches(session, [items[q] for q in share], part))
+        by_mini.append(part or [])
+        at += len(share)
+    normalizer, totals = step_scale(session, minis)
     fixed = fix_rewards(session, minis)
-    batches = [b for mini in minis for b in mini]
     lr = float(session.optimizer.learning_rate.item())  # the rate of this step's first update
     start = time.perf_counter()
-    figures, clip_fraction = update(session, minis, fixed, normalizer)
+    figures, clip = update(session, minis, fixed, normalizer, totals)
     seconds = time.perf_counter() - start
     session.position += len(items)
-    metrics, rewards = step_metrics(session, batches, figures, clip_fraction, traces)
+    mine = read_figures(minis, figures, by_mini, clip, rollout)
+    parts = g.gather(mine, f"the figures of step {step}")
+    metrics, traces, rewards = step_metrics(session, parts)
     out: dict[str, Any] = {"step": step, **metrics}
-    if traces is not None:
-        out.update(sample_tokens_per_s=rollout.tokens_per_second, sample_seconds=rollout.seconds)
-    tokens = sum(b.num_tokens for b in batches)
+    if traces is not None:  # every rank's tokens over the slowest rank's time
+        tokens, slowest = sum(p["sampled"][0] for p in parts), max(p["sampled"][1] for p in parts)
+        out.update(sample_tokens_per_s=RolloutStats(tokens, slowest).tokens_per_second)
+        out.update(sample_seconds=slowest)
+    tokens = sum(rec["tokens"] for p in parts for mini in p["records"] for rec in mini)
     out.update(train_tokens_per_s=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds)
-    out.update(peak_memory_gb=mx.get_peak_memory() / 1e9, lr=lr)
+    out.update(peak_memory_gb=max(p["peak"] for p in parts) / 1e9, lr=lr)
     return StepResult(out, items, traces, rewards)
 
 
@@ -542,45 +637,40 @@ def evaluate_valid(session: Session) -> dict[str, float]:
 
 def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> Path:
     """Train from ``start_step`` to ``train.steps``: log, sample, evaluate, watch for collapse,
-    checkpoint."""
+    checkpoint. Under mlx.launch every rank runs the steps (and evaluates, so that they stay in
+    step); rank 0 alone judges, logs and checkpoints."""
     from nrt_mlx.collapse import CollapseMonitor
     from nrt_mlx.tracking import Trackers
 
-    r = session.recipe
-    nrt = r.train.method == "nrt"
+    r, g = session.recipe, session.group
+    sync_state(session)
     monitor = CollapseMonitor(
         r.train.collapse_fraction, traces_per_step=r.train.questions_per_step * r.rollout.samples
     )
-    monitor.replay(session.run.read_metrics())  # a resumed run keeps its starting values
-    reporter = Reporter(r.train.steps, start_step, quiet, r.run.log_every)
+    if g.primary:
+        monitor.replay(session.run.read_metrics())  # a resumed run keeps its starting values
+    reporter = Reporter(r.train.steps, start_step, quiet, r.run.log_every, silent=not g.primary)
     trackers = Trackers(reporter.warn)  # train.report_to: never stops the run
     try:
-        trackers.start(r, session.run.root, start_step)
+        if g.primary:
+            trackers.start(r, session.run.root, start_step)
+        g.set_hint(continue_hint(session))
         for step in range(start_step + 1, r.train.steps + 1):
+            fault_point(f"rank{g.rank}.step")  # TEST-ONLY: NRT_MLX_FAULT=rank1.step:2
+            started = time.perf_counter()
             result = train_step(session, step)
-            metrics = result.metrics
-            for key, value in metrics.items():
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise NrtError(f"step {step}: {key} is {value}; lower optimizer.learning_rate")
-            warnings = monitor.update(step, metrics) if nrt else []
-            for message in warnings:
-                reporter.warn(message)
-            if warnings:
-                metrics["collapse_warning"] = " | ".join(warnings)
-            stop = r.train.collapse_stop and monitor.collapsed
+            stop = judge(session, result.metrics, monitor, reporter) if g.primary else False
+            if r.train.collapse_stop:  # every rank stops where rank 0 does
+                stop = g.broadcast(stop, f"the end of step {step}")
             if (
                 session.valid
                 and r.train.eval_every
                 and (step % r.train.eval_every == 0 or step == r.train.steps)
             ):
-                metrics.update(evaluate_valid(session))
-            session.run.log_metrics(metrics)
-            trackers.log(metrics)
-            if nrt and r.run.samples_every and (step == 1 or step % r.run.samples_every == 0):
-                session.run.log_sample(_sample_record(session, result))
-            reporter.step(metrics)
-            if stop or step % r.run.save_every == 0 or step == r.train.steps:
-                _checkpoint(session, step)
+                result.metrics.update(evaluate_valid(session))
+            if g.primary:
+                record(session, result, trackers, reporter, stop)
+            g.note_step(time.perf_counter() - started)
             if stop:
                 reporter.warn(
                     f"stopped at step {step} on policy collapse (train.collapse_stop); "
@@ -588,25 +678,71 @@ def run_training(session: Session, start_step: int = 0, quiet: bool = False) -> 
                 )
                 break
     except KeyboardInterrupt:
+        if not g.primary:
+            raise SystemExit(130) from None  # rank 0 says where to continue from
         raise Interrupted(interrupted_message(session.run, r.model.trust_remote_code)) from None
     finally:
         trackers.close()
         reporter.close()
+    distributed.dump_weights(session.loaded.model, g)
     return session.run.root
+
+
+def judge(session: Session, metrics: dict[str, Any], monitor: Any, reporter: Reporter) -> bool:
+    """Refuse a non-finite figure, warn of policy collapse; whether the run stops here."""
+    r, step = session.recipe, metrics["step"]
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NrtError(f"step {step}: {key} is {value}; lower optimizer.learning_rate")
+    warnings = monitor.update(step, metrics) if r.train.method == "nrt" else []
+    for message in warnings:
+        reporter.warn(message)
+    if warnings:
+        metrics["collapse_warning"] = " | ".join(warnings)
+    return r.train.collapse_stop and monitor.collapsed
+
+
+def record(
+    session: Session, result: StepResult, trackers: Any, reporter: Reporter, stop: bool
+) -> None:
+    """Rank 0: log the step's metrics (and samples), report, checkpoint when it is due."""
+    r, step, metrics = session.recipe, result.metrics["step"], result.metrics
+    session.run.log_metrics(metrics)
+    trackers.log(metrics)
+    if r.train.method == "nrt" and r.run.samples_every:
+        if step == 1 or step % r.run.samples_every == 0:
+            session.run.log_sample(_sample_record(session, result))
+    reporter.step(metrics)
+    if stop or step % r.run.save_every == 0 or step == r.train.steps:
+        _checkpoint(session, step)
+        session.group.set_hint(continue_hint(session))
+
+
+def sync_state(session: Session) -> None:
+    """Every rank takes rank 0's trainable weights, optimizer state and data position (a resumed
+    run's checkpoint is on rank 0's disk alone)."""
+    g = session.group
+    if g.size > 1:
+        distributed.share_training_state(g, session.loaded.model, session.optimizer)
+        session.position = g.broadcast(session.position, "the start (rank 0's data position)")
 
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C while training; the message says where the last checkpoint is and how to go on."""
 
 
+def resume_command(run: RunDir, trust_remote_code: bool, overrides: list[str] | None) -> str:
+    words = ["nrt-mlx", "train", "--resume", str(run.root)]
+    words += [w for item in overrides or [] for w in ("--set", item)]
+    words += ["--trust-remote-code"] if trust_remote_code else []
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def interrupted_message(
     run: RunDir, trust_remote_code: bool, overrides: list[str] | None = None
 ) -> str:
     """One line: the run's last checkpoint and the command that continues it."""
-    words = ["nrt-mlx", "train", "--resume", str(run.root)]
-    words += [w for item in overrides or [] for w in ("--set", item)]
-    words += ["--trust-remote-code"] if trust_remote_code else []
-    command = " ".join(shlex.quote(w) for w in words)
+    command = resume_command(run, trust_remote_code, overrides)
     step = run.latest_checkpoint()
     if step is None:
         return f"interrupted before the first checkpoint; start the run again with: {command}"
@@ -616,25 +752,49 @@ def interrupted_message(
     )
 
 
-def start_run(recipe: Recipe) -> Session:
+def continue_hint(session: Session) -> str:
+    """What to do when a rank of the run is lost now (``Group.set_hint``)."""
+    if not session.group.primary:
+        return "rank 0 names the checkpoint to continue from"
+    command = resume_command(session.run, session.recipe.model.trust_remote_code, None)
+    step = session.run.latest_checkpoint()
+    where = (
+        "there is no checkpoint yet; start the run again"
+        if step is None
+        else f"the last checkpoint is {session.run.checkpoint_dir(step)} (step {step}); continue"
+    )
+    return f"{where} under the same mlx.launch command with: {command}"
+
+
+def start_run(recipe: Recipe, group: Group | None = None) -> Session:
     """Prepare a new run and write its run directory's resolved recipe."""
     recipe.run.overrides = []  # a record of another run's resumes (e.g. a model card's recipe)
     from nrt_mlx.tracking import require
 
     require(recipe.train.report_to)  # a missing tracker package: before the model loads
-    session = prepare(recipe)
+    group = group or Group()
+    lead(group, recipe, 0)
+    session = prepare(recipe, group)
     session.run.root.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, session.run.recipe)
     return session
 
 
-def train(recipe: Recipe, quiet: bool = False, trust_remote_code: bool = False) -> Path:
-    """Start a new run as the recipe says; returns the run directory."""
+def train(
+    recipe: Recipe,
+    quiet: bool = False,
+    trust_remote_code: bool = False,
+    group: Group | None = None,
+) -> Path:
+    """Start a new run as the recipe says; returns the run directory. Ranks other than 0 of a
+    ``group`` (``distributed.join``) train the run rank 0 leads (``follow``)."""
+    if group and not group.primary:
+        return follow(group, trust_remote_code)
     ready_to_train(recipe, trust_remote_code, "recipe")  # before the run directory is created
     # One process per run directory, and never over files nrt-mlx did not write (rundir.claim).
     with RunDir(Path(recipe.run.dir)).claim():
         try:
-            session = start_run(recipe)
+            session = start_run(recipe, group)
         except KeyboardInterrupt:
             raise Interrupted(
                 "interrupted before training started: nothing to resume; run the same command again"
@@ -649,15 +809,19 @@ def resume(
     quiet: bool = False,
     overrides: list[str] | None = None,
     trust_remote_code: bool = False,
+    group: Group | None = None,
 ) -> Path:
     """Continue a run from its latest checkpoint (from the start when it has none yet), with the
-    recipe it was started with.
+    recipe it was started with, on one process or a ``group`` (of any size: the data order is
+    the same).
 
     ``overrides`` (``--set``) may change any key but those of ``recipe.RESUME_FIXED``; accepted
     changes go into the run's recipe.yaml, listed in run.overrides with the first step they apply
     to. The learning-rate schedule is recomputed for the new recipe (see recipes/reference.yaml).
     A refused override, or any error before training starts, leaves the run directory untouched.
     """
+    if group and not group.primary:
+        return follow(group, trust_remote_code)  # the run directory is rank 0's
     run = RunDir(Path(run_dir).expanduser().absolute()).check()
     # Refusals first, before the lock and the recovery touch anything.
     _, recipe, _ = _resume_recipes(run, run.latest_checkpoint() or 0, overrides, trust_remote_code)
@@ -665,7 +829,7 @@ def resume(
 
     require(recipe.train.report_to)  # a missing tracker package: before the model loads
     with run.lock():  # one process per run directory, released however the process ends
-        return _resume_locked(run, quiet, overrides, trust_remote_code)
+        return _resume_locked(run, quiet, overrides, trust_remote_code, group or Group())
 
 
 def _resume_recipes(
@@ -687,7 +851,7 @@ def _resume_recipes(
 
 
 def _resume_locked(
-    run: RunDir, quiet: bool, overrides: list[str] | None, trust_remote_code: bool
+    run: RunDir, quiet: bool, overrides: list[str] | None, trust_remote_code: bool, group: Group
 ) -> Path:
     step = run.recover()  # the newest intact checkpoint (0: none yet), damaged ones warned of
     if step == 0 and (run.adapters / ADAPTER_WEIGHTS).exists():
@@ -697,8 +861,9 @@ def _resume_locked(
             "removed?); nrt-mlx will not train over them: start a new run in another directory"
         )
     saved, recipe, entries = _resume_recipes(run, step, overrides, trust_remote_code)
+    lead(group, recipe, step)
     try:
-        session = prepare(recipe)
+        session = prepare(recipe, group)
         if step:
             state = run.load_checkpoint(step, session.loaded.model, session.optimizer)
             session.position = state["position"]
@@ -739,3 +904,25 @@ def _reschedule(session: Session, saved: Recipe) -> None:
             f"the learning-rate schedule is recomputed for the resumed recipe: the next update's "
             f"rate is {new:.3g} (the old schedule's was {old:.3g})"
         )
+
+
+# ---- ranks other than 0 (mlx.launch) --------------------------------------------------------------
+
+
+def lead(group: Group, recipe: Recipe, step: int) -> None:
+    """Rank 0: send the run's recipe and the step it starts from to the other ranks (``follow``),
+    before every rank loads the model."""
+    group.broadcast({"recipe": recipe.to_dict(), "step": step}, "the start (rank 0's recipe)")
+
+
+def follow(group: Group, trust_remote_code: bool) -> Path:
+    """A rank other than 0: train the run rank 0 leads, with its recipe from its step (the
+    weights, optimizer state and data position come in ``sync_state``). It writes nothing: the
+    run directory may not exist on this machine."""
+    start = group.broadcast(None, "the start (rank 0's recipe)")
+    recipe = recipe_from_dict(start["recipe"], "rank 0's recipe")
+    ready_to_train(recipe, trust_remote_code, "rank 0's recipe")
+    session = prepare(recipe, group)
+    if start["step"] >= recipe.train.steps:
+        return session.run.root
+    return run_training(session, start["step"], quiet=True)

@@ -13,9 +13,13 @@ source scripts/pip_quiet.sh
 pip_install() { pip_quiet "$VENV/bin/python" install "$@"; }
 
 # The pins, read from pyproject.toml with the markers of this platform applied.
-pip_install "packaging>=24"
+# tomllib is Python 3.11+; requires-python allows 3.10, whose venv reads the file with tomli.
+pip_install "packaging>=24" "tomli>=1.1; python_version < '3.11'"
 mapfile -t PINS < <("$VENV/bin/python" - <<'EOF'
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from packaging.requirements import Requirement
 

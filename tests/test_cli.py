@@ -1,15 +1,18 @@
 """The command line as mlx-lm users type it: mlx-lm's option names, --version, shell completion."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from importlib.metadata import version
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
+from nrt_mlx.answers import flexible_match
 from nrt_mlx.cli import app
-from nrt_mlx.evaluate import flexible_match
 
 runner = CliRunner()
 
@@ -141,3 +144,13 @@ def test_score_takes_mlx_lm_names(tiny_run_factory):
     assert json.loads(tempered) != json.loads(ours)
     result = runner.invoke(app, [*common, "--adapter-path", str(run), "--top-p", "0"])
     assert result.exit_code == 2 and "--top-p must be in (0, 1]" in result.stderr
+
+
+def test_eval_hf_config_reaches_the_dataset_loader(tmp_path):
+    # No Hub here: the loader's one-line error names the dataset with the configuration it was given.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "nrt_mlx.cli", "eval", "--data", "hf:nobody/nothing:test"]
+    out = subprocess.run(
+        [*cmd, "--hf-config", "main"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert out.returncode == 2 and "hf:nobody/nothing:test (main)" in out.stderr, out.stderr

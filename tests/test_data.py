@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from nrt_mlx.data import drop_long, load_jsonl
+from nrt_mlx.data import drop_long, load_data
 from nrt_mlx.errors import NrtError
 from nrt_mlx.recipe import DataConfig
 
@@ -31,7 +31,7 @@ def test_three_formats_and_context(tmp_path):
             },
         ],
     )
-    d = load_jsonl(p, DataConfig())
+    d = load_data(p, DataConfig())
     assert [e.answer for e in d.examples] == ["A1", "A2", "A3"]
     assert d.examples[0].messages == [{"role": "user", "content": "Q1?"}]
     assert [m["role"] for m in d.examples[2].messages] == ["system", "user", "assistant", "user"]
@@ -52,19 +52,19 @@ def test_malformed_lines_are_skipped_with_line_numbers(tmp_path):
             {"question": "ok2?", "answer": "fine", "options": ["fine", "bad"]},
         ],
     )
-    d = load_jsonl(p, DataConfig())
+    d = load_data(p, DataConfig())
     assert len(d) == 2
     assert [n for n, _ in d.skipped] == [2, 3, 4, 6]
     assert "invalid JSON" in d.skipped[0][1] and "empty answer" in d.skipped[1][1]
     assert d.examples[1].options == ["fine", "bad"]
     assert "line 2" in d.report() and "skipped 4" in d.report()
     with pytest.raises(NrtError, match=r"d.jsonl:2: invalid JSON"):
-        load_jsonl(p, DataConfig(strict=True))
+        load_data(p, DataConfig(strict=True))
 
 
 def test_configurable_fields_and_system_prompt(tmp_path):
     p = write_lines(tmp_path / "d.jsonl", [{"instruction": "Do X", "output": "Done"}])
-    d = load_jsonl(
+    d = load_data(
         p, DataConfig(question_field="instruction", answer_field="output", system_prompt="S")
     )
     assert d.examples[0].answer == "Done"
@@ -73,10 +73,10 @@ def test_configurable_fields_and_system_prompt(tmp_path):
 
 def test_missing_or_unusable_file_is_one_line_error(tmp_path):
     with pytest.raises(NrtError, match="data.train: file not found"):
-        load_jsonl(tmp_path / "nope.jsonl", DataConfig())
+        load_data(tmp_path / "nope.jsonl", DataConfig())
     p = write_lines(tmp_path / "bad.jsonl", ["[1, 2]", {"q": 1}])
     with pytest.raises(NrtError, match="no usable question/answer record; first problem: line 1"):
-        load_jsonl(p, DataConfig())
+        load_data(p, DataConfig())
 
 
 def test_long_prompts_are_skipped_and_counted(tmp_path):
@@ -88,7 +88,7 @@ def test_long_prompts_are_skipped_and_counted(tmp_path):
             {"question": "short", "answer": "a very long answer indeed"},
         ],
     )
-    d = load_jsonl(p, DataConfig())
+    d = load_data(p, DataConfig())
     drop_long(d, lambda e: len(e.question.split()), lambda e: len(e.answer.split()), 3, 3)
     assert len(d) == 1
     assert [n for n, _ in d.skipped] == [2, 3]
@@ -107,7 +107,7 @@ def test_non_utf8_bytes_are_an_error_naming_file_and_line(tmp_path):
     p.write_bytes(good + b"\n" + bad + b"\n" + good + b"\n")
     for strict in (False, True):
         with pytest.raises(NrtError) as err:
-            load_jsonl(p, DataConfig(strict=strict))
+            load_data(p, DataConfig(strict=strict))
         assert str(err.value) == (
             f"{p}:2: not UTF-8 text (byte 0xf9 at byte 16 of the line); "
             "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
@@ -118,14 +118,14 @@ def test_utf16_file_is_an_error_not_an_empty_dataset(tmp_path):
     p = tmp_path / "utf16.jsonl"
     p.write_bytes(json.dumps({"question": "q?", "answer": "a"}).encode("utf-16"))
     with pytest.raises(NrtError, match=r"utf16\.jsonl:1: not UTF-8 text \(byte 0xff at byte 1 "):
-        load_jsonl(p, DataConfig())
+        load_data(p, DataConfig())
 
 
 def test_byte_order_mark_keeps_the_first_record(tmp_path):
     p = tmp_path / "bom.jsonl"
     lines = [{"question": "Q1?", "answer": "A1"}, {"question": "Q2?", "answer": "A2"}]
     p.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(x) + "\n" for x in lines).encode())
-    d = load_jsonl(p, DataConfig(strict=True))
+    d = load_data(p, DataConfig(strict=True))
     assert [e.answer for e in d.examples] == ["A1", "A2"] and d.skipped == []
 
 
@@ -134,7 +134,7 @@ def test_any_line_ending_and_real_non_ascii_text(tmp_path):
     records = [{"question": f"Où {i}?", "answer": f"café {i} 🙂"} for i in range(4)]
     raw = [json.dumps(r, ensure_ascii=False).encode() for r in records]
     p.write_bytes(raw[0] + b"\r\n" + raw[1] + b"\r" + b"{bad\n" + raw[2] + b"\n" + raw[3])
-    d = load_jsonl(p, DataConfig())
+    d = load_data(p, DataConfig())
     assert [(e.line, e.answer) for e in d.examples] == [
         (1, "café 0 🙂"),
         (2, "café 1 🙂"),
@@ -147,7 +147,7 @@ def test_any_line_ending_and_real_non_ascii_text(tmp_path):
 def test_report_is_one_line(tmp_path):
     bad = ["{oops"] * 7
     p = write_lines(tmp_path / "d.jsonl", [{"question": "q?", "answer": "a"}, *bad])
-    report = load_jsonl(p, DataConfig()).report()
+    report = load_data(p, DataConfig()).report()
     assert report == (
         f"{p}: 1 examples, skipped 7: line 2 (invalid JSON), line 3 (invalid JSON), "
         "line 4 (invalid JSON), line 5 (invalid JSON), line 6 (invalid JSON) and 2 more"

@@ -13,21 +13,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 from typer.testing import CliRunner
 
 from nrt_mlx.analysis.tables import eval_tables, render_text
+from nrt_mlx.answers import compile_extract, exact_match, extract_answer, flexible_match, token_f1
 from nrt_mlx.cli import app
 from nrt_mlx.data import Example
 from nrt_mlx.errors import NrtError
-from nrt_mlx.evaluate import (
-    EVAL_THINK_TOKENS,
-    EvalConfig,
-    compile_extract,
-    eval_config,
-    evaluate,
-    exact_match,
-    extract_answer,
-    flexible_match,
-    run_rollout,
-    token_f1,
-)
+from nrt_mlx.evaluate import EVAL_THINK_TOKENS, EvalConfig, eval_config, evaluate, run_rollout
 from nrt_mlx.model import adapter_config, add_adapters, load_model, write_adapters_into
 from nrt_mlx.recipe import LoraConfig, ModelConfig, Recipe, RolloutConfig, save_recipe
 from nrt_mlx.rollout import sample_traces

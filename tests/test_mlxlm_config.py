@@ -97,6 +97,9 @@ def test_the_example_config_maps_key_by_key(tmp_path):
     assert {"training_mode", "train", "test", "test_batches", "resume_adapter_file"} <= unmapped
     assert {"steps_per_eval", "val_batches", "lr_schedule.warmup_init", "learning_rate"} <= unmapped
     assert "mlx-lm ignores learning_rate" in by_key["learning_rate"].text
+    # decay_steps 1000 after 100 warm-up updates: nrt-mlx decays over the other 900 steps.
+    assert "decay_steps 1000 is not used" in by_key["lr_schedule.arguments[1]"].text
+    assert "900 steps" in by_key["lr_schedule.arguments[1]"].text
     assert "train.method: nrt" in by_key["(method)"].text
     assert not by_key["lora_parameters.rank"].text.startswith("not")
     recipe_from_dict(recipe, "mapped")  # a valid recipe
@@ -226,3 +229,12 @@ def test_bad_configs_are_one_line(tmp_path, monkeypatch, capsys):
     assert code == 2 and "not both" in err
     with pytest.raises(NrtError, match="config file not found"):
         import_mlxlm_config(tmp_path / "none.yaml")
+
+
+def test_decay_steps_that_match_and_zero_iters_are_said():
+    schedule = {"name": "cosine_decay", "warmup": 10, "arguments": [1e-4, 90, 0.0]}
+    _, notes = recipe_from_mlxlm({"iters": 100, "lr_schedule": schedule})
+    assert "lr_schedule.arguments[1]" not in notes_by_key(notes)  # 10 + 90 = iters: the same
+    recipe, notes = recipe_from_mlxlm({"iters": 0})
+    assert recipe["train"]["steps"] == 1
+    assert "iters 0 makes no update" in notes_by_key(notes)["iters"].text

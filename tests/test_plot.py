@@ -50,6 +50,7 @@ def write_run(root, steps: int = 30, collapse: bool = False, evals: bool = True)
                     "eval_gain": 0.1 + 0.01 * s,
                     "eval_f1": 0.01 * s,
                     "eval_exact_match": 0.005 * s,
+                    "eval_exact_match_flexible": 0.008 * s,
                 }
             )
     (root / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -110,6 +111,15 @@ def test_compare_gives_final_metrics_and_latest_eval(two_runs):
     assert healthy["eval_gain"] == pytest.approx(0.4) and healthy["eval_f1"] == pytest.approx(0.3)
     assert healthy["collapse"] == "" and collapsed["collapse"] == "step 10"
     assert collapsed["trace_entropy"] < 0.05
+    assert healthy["eval_exact_match_flexible"] == pytest.approx(0.24)
+
+
+def test_flexible_em_is_drawn_beside_strict_em(two_runs):
+    fig, titles = build_figure(load_runs(two_runs))
+    answers = fig.axes[titles.index("eval: answers")]
+    labels = [line.get_label() for line in answers.get_lines()]
+    assert any(label.endswith("EM (flexible)") for label in labels), labels
+    assert any(label.endswith(" EM") for label in labels), labels
 
 
 def test_plot_and_compare_cli(two_runs, tmp_path):

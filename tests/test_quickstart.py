@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import DATA, run_cli, tiny_recipe, write_recipe
 
-from nrt_mlx.quickstart import run_quickstart
+from nrt_mlx.quickstart import next_steps, run_quickstart
+from nrt_mlx.recipe import Recipe
 
 
 def _next_steps(out: str) -> dict[str, list[str]]:
@@ -55,3 +56,12 @@ def test_quickstart_prints_next_steps_that_run(
     monkeypatch.setattr(sys, "argv", generate)
     mlx_lm_generate()
     assert "Generation:" in capsys.readouterr().out
+
+
+def test_next_steps_pass_hub_data_through():
+    recipe = Recipe()
+    recipe.run.dir = "/tmp/runs/gsm"
+    recipe.data.train = "hf:openai/gsm8k:train"
+    recipe.data.valid = "hf:openai/gsm8k:test"
+    commands = [cmd for _, cmd in next_steps(recipe, "What is 2 + 2?")]
+    assert any(cmd.endswith("--data hf:openai/gsm8k:test") for cmd in commands), commands

@@ -1,5 +1,7 @@
 """Recipe parsing: typed values, overrides, and one-line errors that name the key."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,22 @@ def test_a_saved_run_without_overrides_loads_with_none(tmp_path):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(NrtError, match=r"run.overrides\[0\] must be a mapping"):
         load_recipe(tmp_path / "recipe.yaml")
+
+
+def test_loading_a_recipe_imports_no_mlx_lm():
+    # A recipe is read and validated by commands that never load a model (plan, check, completion).
+    code = (
+        "import sys\n"
+        "from nrt_mlx.recipe import load_recipe\n"
+        f"load_recipe({str(REPO / 'recipes' / 'quickstart.yaml')!r})\n"
+        "assert 'mlx_lm' not in sys.modules, 'mlx_lm imported'\n"
+        "assert 'nrt_mlx.evaluate' not in sys.modules, 'evaluate imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
+def test_aggregator_names_are_the_objectives():
+    from nrt_mlx.objective import AGGREGATORS
+    from nrt_mlx.recipe import AGGREGATOR_NAMES
+
+    assert set(AGGREGATOR_NAMES) == set(AGGREGATORS)

@@ -316,3 +316,21 @@ def test_run_dir_expands_home_and_is_saved_absolute(tmp_path, monkeypatch):
     assert load_recipe(path).run.dir == str(tmp_path / "home" / "runs" / "a")
     path.write_text(yaml.safe_dump({"run": {"dir": "runs/b"}}))
     assert load_recipe(path).run.dir == str(tmp_path / "runs" / "b")
+
+
+def test_a_run_saved_before_the_memory_check_resumes(run, monkeypatch, capsys):
+    # A recipe.yaml without memory_check (and shared_prompt) is an older version's: its worst-case
+    # plan (a prompt limit far beyond this machine) must not stop it, as that version trained it.
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    for key in ("memory_check", "shared_prompt"):
+        saved["train"].pop(key)
+    saved["data"]["max_prompt_tokens"] = 10**9
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    code, _, err = resume(monkeypatch, capsys, run, "--set", "train.steps=3")
+    assert code == 0, err
+    assert metrics(run)[-1]["step"] == 3
+    # The same recipe with the key, as this version writes it: refused, naming the --set form.
+    saved["train"]["memory_check"] = True
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    code, _, err = resume(monkeypatch, capsys, run, "--set", "train.steps=4")
+    assert code == 2 and "--set train.memory_check=false" in err

@@ -2,7 +2,8 @@
 
 The TensorBoard event files are read with TensorBoard's own EventAccumulator; wandb 0.31 has no
 Python reader of its .wandb files, so ``wandb_history`` reads the record log (LevelDB's log
-format, wandb's header) into wandb's own protobuf records.
+format, wandb's header) into wandb's own protobuf records. wandb and tensorboardX (the [wandb] and
+[tensorboard] extras) are imported plainly: the dev install has them, so a missing one fails.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import tensorboardX  # noqa: F401
+import wandb  # noqa: F401
 from helpers import DATA, tiny_recipe, write_recipe
 
 from nrt_mlx.errors import NrtError
@@ -21,9 +24,6 @@ from nrt_mlx.recipe import Recipe, load_recipe
 from nrt_mlx.rundir import RUN_MARK
 from nrt_mlx.tracking import TENSORBOARD_DIR, WANDB_ID_FILE, TensorBoardTracker, Trackers
 from nrt_mlx.trainer import resume, train
-
-pytest.importorskip("wandb")  # the [wandb] and [tensorboard] extras; the dev install has them
-pytest.importorskip("tensorboardX")
 
 
 @pytest.fixture

@@ -78,11 +78,11 @@ def test_wheel_holds_every_module_the_recipes_and_the_licence(wheel: Path) -> No
 
 LOAD_QUICKSTART = """
 import json, nrt_mlx
-from nrt_mlx.data import load_jsonl
+from nrt_mlx.data import load_data
 from nrt_mlx.quickstart import load_quickstart_recipe
 recipe, path = load_quickstart_recipe()
-train = load_jsonl(recipe.data.train, recipe.data, "data.train")
-valid = load_jsonl(recipe.data.valid, recipe.data, "data.valid")
+train = load_data(recipe.data.train, recipe.data, "data.train")
+valid = load_data(recipe.data.valid, recipe.data, "data.valid")
 print(json.dumps({"package": nrt_mlx.__file__, "recipe": str(path), "train": recipe.data.train,
                   "valid": recipe.data.valid, "sizes": [len(train), len(valid)]}))
 """

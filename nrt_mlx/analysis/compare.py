@@ -34,6 +34,7 @@ EVAL_METRICS = (
     ("eval_trace_nll_mean", "eval NLL, trace", ".3f"),
     ("eval_gain", "eval gain", "+.3f"),
     ("eval_exact_match", "eval exact match", ".2f"),
+    ("eval_exact_match_flexible", "eval exact match (flexible)", ".2f"),
     ("eval_f1", "eval F1", ".2f"),
     ("eval_mc_acc_likelihood", "eval accuracy", ".2f"),
 )

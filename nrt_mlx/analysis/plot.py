@@ -22,7 +22,7 @@ from nrt_mlx.errors import NrtError
 class Line:
     key: str  # metric key in metrics.jsonl
     label: str  # suffix after the run name in the legend ("" = the run name alone)
-    style: str = "-"
+    style: str | tuple = "-"  # a matplotlib line style: "-", "--", ":", "-." or a dash pattern
     band: tuple[str, str] | None = None  # keys of the lower and upper edge of a shaded band
     std: str | None = None  # key of a std: band mean +- std
 
@@ -78,6 +78,7 @@ PANELS = (
         (
             Line("eval_f1", "F1"),
             Line("eval_exact_match", "EM", "--"),
+            Line("eval_exact_match_flexible", "EM (flexible)", (0, (5, 1, 1, 1))),
             Line("eval_mc_acc_likelihood", "acc (likelihood)", ":"),
             Line("eval_mc_acc_generated", "acc (generated)", "-."),
         ),
@@ -99,7 +100,7 @@ def _draw_line(ax: Any, run: RunLog, line: Line, color: str) -> bool:
     ax.plot(
         steps,
         values,
-        line.style,
+        linestyle=line.style,
         color=color,
         label=label,
         marker=marker,
