@@ -23,7 +23,7 @@ and values, so loss and gradients equal the full-row forward up to float roundin
 ``AttentionCache`` implements the two calls mlx-lm's attention layers make on a cache
 (``update_and_fetch`` and, through ``create_attention_mask``, ``make_mask``); ``cache_problem``
 refuses models whose own caches are not plain key/value caches, and the trainer probes the rest
-numerically once (``trainer.shared_prompt_fits``).
+numerically once (``session.shared_prompt_problem``).
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def run_quickstart(
 ) -> Path:
     """Train the quickstart recipe on the default model; returns the run directory."""
     from nrt_mlx.export.default_model import default_model_dir
-    from nrt_mlx.trainer import ready_to_train
+    from nrt_mlx.session import ready_to_train
 
     recipe, path = load_quickstart_recipe(recipe_path, overrides)
     if not recipe.model.path:

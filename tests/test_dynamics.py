@@ -21,7 +21,8 @@ import yaml
 from helpers import tiny_recipe
 from mlx.utils import tree_flatten, tree_unflatten
 
-from nrt_mlx import trainer
+from nrt_mlx import session as session_module
+from nrt_mlx import step, trainer
 from nrt_mlx.batch import build_rows, collate
 from nrt_mlx.errors import NrtError
 from nrt_mlx.objective import RELEASED_MICRO_ROWS, nrt_loss, reference_pass
@@ -68,7 +69,7 @@ def test_schedule_gives_the_expected_rate_of_every_update(schedule: str, warmup_
     o = recipe.optimizer
     o.learning_rate, o.warmup_ratio, o.schedule, o.min_lr_ratio = 3e-4, warmup_ratio, schedule, 0.1
     updates = 7 * 2 * 3
-    fn = trainer.lr_schedule(recipe)
+    fn = session_module.lr_schedule(recipe)
     got = [float(fn(mx.array(u, dtype=mx.uint64)).item()) for u in range(updates)]
     want = [expected_rate(u, updates, 3e-4, warmup_ratio, schedule, 0.1) for u in range(updates)]
     np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -126,10 +127,10 @@ def test_logged_rate_follows_the_schedule(tmp_path, tiny_model_dir, schedule: st
 
 
 def test_mini_batch_bounds_split_whole_questions_nearly_equally():
-    assert trainer.mini_batch_bounds(4, 1) == [(0, 4)]
-    assert trainer.mini_batch_bounds(256, 4) == [(0, 64), (64, 128), (128, 192), (192, 256)]
-    assert trainer.mini_batch_bounds(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
-    assert trainer.mini_batch_bounds(3, 3) == [(0, 1), (1, 2), (2, 3)]
+    assert step.mini_batch_bounds(4, 1) == [(0, 4)]
+    assert step.mini_batch_bounds(256, 4) == [(0, 64), (64, 128), (128, 192), (192, 256)]
+    assert step.mini_batch_bounds(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert step.mini_batch_bounds(3, 3) == [(0, 1), (1, 2), (2, 3)]
 
 
 @pytest.mark.parametrize(
@@ -225,21 +226,21 @@ def test_mini_batches_equal_sequential_updates_from_the_sampling_weights(
         },
     }
     recipe = recipe_from_dict(recipe_dict(tmp_path, tiny_model_dir, "a", **sections))
-    reference = trainer.prepare(
+    reference = session_module.prepare(
         recipe_from_dict(recipe_dict(tmp_path, tiny_model_dir, "b", **sections))
     )
-    session = trainer.prepare(recipe)
+    session = session_module.prepare(recipe)
     start = params(session.loaded.model)
     assert start.keys() == params(reference.loaded.model).keys()
     seen = {}
-    original = trainer.sample
+    original = step.sample
 
     def spy(session_, items, key):
         seen["items"], (seen["traces"], stats) = items, original(session_, items, key)
         return seen["traces"], stats
 
-    monkeypatch.setattr(trainer, "sample", spy)
-    result = trainer.train_step(session, 1)
+    monkeypatch.setattr(step, "sample", spy)
+    result = step.train_step(session, 1)
     got = params(session.loaded.model)
 
     items, traces, marker = seen["items"], seen["traces"], session.vocab.marker.ids
@@ -274,16 +275,18 @@ def test_the_step_divides_by_the_recipes_normalizer(
     0.1 (and the runs it started) divided; a number: itself."""
     train = {"steps": 1, "questions_per_step": 3, "mini_batches": 2, "micro_batch_questions": 1}
     sections = {"objective": {"normalizer": normalizer}, "train": train}
-    session = trainer.prepare(recipe_from_dict(recipe_dict(tmp_path, tiny_model_dir, **sections)))
+    session = session_module.prepare(
+        recipe_from_dict(recipe_dict(tmp_path, tiny_model_dir, **sections))
+    )
     seen = []
-    original = trainer.nrt_loss
+    original = step.nrt_loss
 
     def spy(model, batch, cfg, n, *args):
         seen.append((batch, n))
         return original(model, batch, cfg, n, *args)
 
-    monkeypatch.setattr(trainer, "nrt_loss", spy)
-    trainer.train_step(session, 1)
+    monkeypatch.setattr(step, "nrt_loss", spy)
+    step.train_step(session, 1)
     assert len(seen) == 3  # micro-batches of one question
     widths = []
     for batch, _ in seen:

@@ -210,7 +210,7 @@ def test_probe_refuses_a_model_with_absolute_positions(
 ) -> None:
     """GPT-2 adds learned position embeddings: left-padded prompts would shift them. The probe
     sees it, and training warns and keeps full rows; the tiny Llama passes the probe."""
-    from nrt_mlx.trainer import shared_prompt_problem
+    from nrt_mlx.session import shared_prompt_problem
 
     assert shared_prompt_problem(*tiny) is None
     model, tok = mlx_lm.load(str(_gpt2(tmp_path, tiny_model_dir)))
@@ -224,7 +224,8 @@ def test_training_uses_the_layout_and_old_runs_keep_full_rows(
     from helpers import tiny_recipe
 
     from nrt_mlx.recipe import load_recipe, recipe_from_dict, save_recipe
-    from nrt_mlx.trainer import build_batches, prepare, sample
+    from nrt_mlx.session import prepare
+    from nrt_mlx.step import build_batches, sample
 
     recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_model_dir))
     session = prepare(recipe)
@@ -252,7 +253,7 @@ def test_training_uses_the_layout_and_old_runs_keep_full_rows(
 @pytest.mark.real
 def test_smollm2_loss_and_gradients_equal_full_rows() -> None:
     from nrt_mlx.export.default_model import default_model_dir
-    from nrt_mlx.trainer import shared_prompt_problem
+    from nrt_mlx.session import shared_prompt_problem
 
     model, vocab = _prepare(default_model_dir())
     assert shared_prompt_problem(model, vocab) is None

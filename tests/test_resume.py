@@ -11,8 +11,10 @@ import pytest
 import yaml
 from helpers import DATA, run_cli, tiny_recipe, write_recipe
 
+from nrt_mlx import session as session_module
 from nrt_mlx import trainer
 from nrt_mlx.recipe import load_recipe
+from nrt_mlx.rundir import RunDir
 
 
 def metrics(run: Path) -> list[dict]:
@@ -153,7 +155,7 @@ def test_ctrl_c_before_the_first_checkpoint_and_before_training(
         raise KeyboardInterrupt
 
     recipe = tiny_recipe(tmp_path, tiny_model_dir, "other")
-    monkeypatch.setattr(trainer, "load_model", interrupted_load)
+    monkeypatch.setattr(session_module, "load_model", interrupted_load)
     code, _, err = run_cli(monkeypatch, capsys, "train", write_recipe(tmp_path, recipe, "other"))
     assert code == 130 and err.strip() == (
         "interrupted before training started: nothing to resume; run the same command again"
@@ -267,7 +269,7 @@ def test_a_new_run_takes_trust_remote_code_from_the_flag(
 
 
 def test_the_resume_command_is_quoted_for_a_shell(tmp_path):
-    run = trainer.RunDir(tmp_path / "my run")
+    run = RunDir(tmp_path / "my run")
     message = trainer.interrupted_message(
         run, True, ["train.steps=9", "data.system_prompt=Be brief"]
     )
