@@ -14,6 +14,8 @@ them into the base matrices for a fused model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -64,9 +66,12 @@ class _MarkerRow(nn.Module):
 class MarkerEmbedding(_MarkerRow):
     """The input embedding with the marker's row trainable (and, tied, its output row too)."""
 
+    constant_row = False  # set by ``input_row_unused`` for inputs without the marker
+
     def __call__(self, ids: mx.array) -> mx.array:
         x = self.base(ids)
-        return mx.where((ids == self.marker_id)[..., None], self.marker_row.astype(x.dtype), x)
+        row = mx.stop_gradient(self.marker_row) if self.constant_row else self.marker_row
+        return mx.where((ids == self.marker_id)[..., None], row.astype(x.dtype), x)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _with_column(self.base.as_linear(x), self.marker_id, x @ self.marker_row)
@@ -77,6 +82,24 @@ class MarkerHead(_MarkerRow):
 
     def __call__(self, x: mx.array) -> mx.array:
         return _with_column(self.base(x), self.marker_id, x @ self.marker_row)
+
+
+@contextmanager
+def input_row_unused(model: nn.Module, ids: mx.array) -> Iterator[None]:
+    """Within: when ``ids`` (host-built inputs, cheap to read) hold no marker token, the marker's
+    input row enters the embedding as a constant. Its gradient from such inputs is 0 anyway, but
+    MLX cannot tell: through ``mx.where`` every position depends on the row, so the backward pass
+    would run through every layer below the LoRA layers for them (nrt_mlx.prefix's prompt and
+    think passes)."""
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if not isinstance(embed, MarkerEmbedding) or bool(mx.any(ids == embed.marker_id)):
+        yield
+        return
+    embed.constant_row = True
+    try:
+        yield
+    finally:
+        embed.constant_row = False
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:

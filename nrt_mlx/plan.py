@@ -8,11 +8,12 @@ after minutes of loading and sampling. A run has three phases whose peaks are pl
 * sample: what stays resident (weights, adapters, marker rows, AdamW state) plus the KV caches of
   the step's Q x K rows at the prompt + think budget (``nrt_mlx.rollout``);
 * update: resident, gradients, and the activations of one micro-batch's forward and backward pass
-  (``nrt_mlx.trainer.update``, ``nrt_mlx.objective``), with or without gradient checkpointing.
+  (``nrt_mlx.step.update``, ``nrt_mlx.objective``), with or without gradient checkpointing.
 
 Every term is one small function whose docstring gives its formula. Lengths are the recipe's
-limits (the worst case); the activation coefficients were counted from what MLX's autodiff keeps
-and checked against ``mx.get_peak_memory()`` on real runs (scripts/plan_memory.py, within 20 %).
+limits (the worst case: every trace at the think budget); the activation coefficients were counted
+from what MLX's autodiff keeps, then scaled to ``mx.get_peak_memory()`` of real runs of the tiny
+model and SmolLM2-135M (scripts/plan_memory.py prints the grid; within 20 % on every row).
 Terms that depend on how the training step is structured: ``update_passes`` (shared-prompt or full
 rows, which rows get a backward pass), ``layer_activations`` and ``logits_activations``; the
 sampler's: ``kv_cache`` and ``prompt_caches``.
@@ -21,6 +22,7 @@ sampler's: ``kv_cache`` and ``prompt_caches``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -153,17 +155,34 @@ def _hub_config(repo_id: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+def default_model_shape() -> ModelShape:
+    """The shape of the default model an empty model.path trains (quickstart fetches it): its
+    converted directory, else its cached GGUF read as ``default_model_dir`` converts it (dense
+    float32); never downloads."""
+    from nrt_mlx.export import default_model
+
+    root = default_model.cache_root()
+    converted = root / default_model.MODEL_DIR_NAME / "config.json"
+    if converted.is_file():
+        return read_shape(converted)
+    gguf = root / "gguf" / default_model.GGUF_NAME
+    if not gguf.is_file():
+        raise NrtError(
+            f"model.path is empty, so the run uses the default model, which is not in {root} yet "
+            "(quickstart fetches it); give the model's config with --config path/to/config.json"
+        )
+    return dataclasses.replace(_gguf_shape(gguf), bits=None, dtype_bytes=FP32)
+
+
 def model_shape(recipe: Recipe, config: str | Path | None = None) -> ModelShape:
     """The shape of the recipe's model: from ``config`` when given, else from model.path (a local
-    directory, a .gguf file, or a Hub id whose config.json is in the Hugging Face cache)."""
+    directory, a .gguf file, or a Hub id whose config.json is in the Hugging Face cache; empty:
+    ``default_model_shape``)."""
     if config:
         return read_shape(config)
     path = recipe.model.path
     if not path:
-        raise NrtError(
-            "model.path is empty: the planner needs the model's config.json; set model.path or "
-            "give --config path/to/config.json"
-        )
+        return default_model_shape()
     local = Path(path).expanduser()
     if local.exists():
         return read_shape(local)
@@ -248,11 +267,19 @@ def adapter_parameters(recipe: Recipe, shape: ModelShape) -> int:
     return lora_layers(recipe, shape) * per_block
 
 
-def marker_trained(recipe: Recipe) -> bool:
-    """NRT with a special-token marker (auto, or <|...|>) whose rows start from EOS's."""
+def special_marker(recipe: Recipe) -> bool:
+    """The marker is one special token: auto, or spelled <|...|>."""
     m = recipe.rollout.marker
-    special = m == "auto" or (m.startswith("<") and m.endswith(">"))
-    return recipe.train.method == "nrt" and special and recipe.rollout.marker_rows == "eos"
+    return m == "auto" or (m.startswith("<") and m.endswith(">"))
+
+
+def marker_trained(recipe: Recipe) -> bool:
+    """NRT with a special-token marker whose rows start from EOS's."""
+    return (
+        recipe.train.method == "nrt"
+        and special_marker(recipe)
+        and recipe.rollout.marker_rows == "eos"
+    )
 
 
 def marker_parameters(recipe: Recipe, shape: ModelShape) -> int:
@@ -282,8 +309,7 @@ def gradients(trainable: int) -> float:
 
 def marker_tokens(recipe: Recipe) -> int:
     """Tokens of the marker: 1 for a special token; a text marker has at most one per UTF-8 byte."""
-    m = recipe.rollout.marker
-    return 1 if m == "auto" or (m.startswith("<") and m.endswith(">")) else len(m.encode())
+    return 1 if special_marker(recipe) else len(recipe.rollout.marker.encode())
 
 
 def decode_steps(recipe: Recipe) -> int:
@@ -326,7 +352,7 @@ def sampling_logits(recipe: Recipe, shape: ModelShape, p: Precision) -> float:
 
 
 @dataclass(frozen=True)
-class Pass:
+class PlannedPass:
     """One model call of a micro-batch: rows x tokens queries attending to ``keys`` positions."""
 
     rows: int
@@ -334,7 +360,8 @@ class Pass:
     keys: int
     grad: bool  # a backward pass runs through it
     logits: bool  # the lm_head runs on it
-    gathered: bool  # its rows concatenate their question's recorded prompt keys and values
+    gathered: bool  # its rows concatenate keys and values recorded by earlier passes
+    deep: bool  # its inputs hold the marker: the backward runs through every block (backward_layers)
 
 
 def micro_questions(recipe: Recipe) -> int:
@@ -344,105 +371,135 @@ def micro_questions(recipe: Recipe) -> int:
     return min(t.micro_batch_questions or mini, mini)
 
 
-def update_passes(recipe: Recipe) -> list[Pass]:
+def update_passes(recipe: Recipe) -> list[PlannedPass]:
     """The model calls of one micro-batch of q questions (P prompt, T think, m marker, A answer
-    limits; Session.max_length = P + T + m + A):
+    limits; Session.max_length = P + T + m + A), as ``nrt_mlx.batch.collate`` lays them out:
 
     * full rows (SFT; NRT without train.shared_prompt): q (K + 1) rows of P + T + m + A - 1 tokens
       (SFT: q rows of P + A - 1), all with gradient;
-    * shared prompt (nrt_mlx.prefix): one prompt pass of q rows x P - 1 tokens, a trace pass of
-      q K rows x T + m + A tokens attending to P - 1 + T + m + A keys, and the null-think pass of
-      q rows x m + A tokens without gradient.
+    * shared prompt (nrt_mlx.prefix): a prompt pass of q rows x P - 1 tokens; the think pass of
+      q K rows x [last prompt token | z] = 1 + T tokens attending to P + T keys; the answer pass of
+      q K rows x [m | y*] = m + A - 1 tokens attending to P + T + m + A - 1 keys; and the
+      null-think rows' pass of q rows x m + A tokens without gradient (``backward_layers`` says
+      which blocks each backward reaches).
+
+    The trace rows are planned as one think pass at the think budget; ``collate`` may split them
+    by think length into up to 4 passes, which only pads fewer tokens. Models the trainer's probe
+    refuses for the shared prompt (sliding-window attention, absolute positions) train on full
+    rows, so their plan is an underestimate.
     """
     q, k = micro_questions(recipe), recipe.rollout.samples
     d, t, m = recipe.data, recipe.rollout.max_think_tokens, marker_tokens(recipe)
     p, a = d.max_prompt_tokens, d.max_answer_tokens
     if recipe.train.method == "sft":
         n = p + a - 1
-        return [Pass(q, n, n, True, True, False)]
-    if not getattr(recipe.train, "shared_prompt", False):
+        return [PlannedPass(q, n, n, True, True, False, False)]
+    if not recipe.train.shared_prompt:
         n = p + t + m + a - 1
-        return [Pass(q * (k + 1), n, n, True, True, False)]
+        return [PlannedPass(q * (k + 1), n, n, True, True, False, True)]
     return [
-        Pass(q, p - 1, p - 1, True, False, False),
-        Pass(q * k, t + m + a, p - 1 + t + m + a, True, True, True),
-        Pass(q, m + a, p - 1 + m + a, False, True, True),
+        PlannedPass(q, p - 1, p - 1, True, False, False, False),
+        PlannedPass(q * k, 1 + t, p + t, True, True, True, False),
+        PlannedPass(q * k, m + a - 1, p + t + m + a - 1, True, True, True, True),
+        PlannedPass(q, m + a, p - 1 + m + a, False, True, True, False),
     ]
 
 
-# Floats a block keeps per token for its backward pass: ~5 D (residual stream, the two norms'
-# inputs and outputs, the attention output), the queries, keys and values, ~4 I (gate, up, the
-# SiLU and the product), and the attention probabilities (MLX's attention VJP is unfused on every
-# backend, so they are materialised: rows x heads x tokens x keys).
-RESIDUAL_FLOATS = 5
-MLP_FLOATS = 4
-# At the backward's peak the block being differentiated holds ~3 more copies of its probabilities
-# (their cotangent, the scores' cotangent, a softmax temporary).
-ATTENTION_TEMPORARIES = 3
+# What MLX's autodiff keeps of a block for its backward pass (on the CPU backend attention runs
+# as plain ops, so its probabilities are materialised): per query token the two RMSNorms' inputs,
+# the queries and the SwiGLU's inputs (counted: 2 D + H head_dim + 2 I); per key the keys and
+# values attended to (2 KV head_dim: a pass's own, concatenated after the gathered ones); and the
+# attention probabilities [rows, H, tokens, keys]. A block with adapters also keeps the inputs of
+# its adapted linears (counted: + 2 D + H head_dim + I). Measured peaks (scripts/plan_memory.py)
+# are ~1.4x these counts on both models, so the coefficients below carry that factor: MLX keeps
+# some arrays (masked scores, casts, graph siblings) longer than the vjp needs them.
+FROZEN_FLOATS = (3, 1, 3)  # (x D, x H head_dim, x I) per token
+ADAPTED_FLOATS = (5, 2, 5)
+PROBABILITY_COPIES = 1.25
+# At the backward's peak the pass with the largest probabilities holds one more block's copy
+# (their cotangent); with checkpointing, also the activations of the block being recomputed.
+ATTENTION_TEMPORARIES = 1
+RECOMPUTED_BLOCKS = 1
 
 
-def block_floats_per_token(shape: ModelShape) -> int:
-    """5 D + (H + 2 KV) head_dim + 4 I: a block's saved activations per token, probabilities aside."""
-    qkv = (shape.heads + 2 * shape.kv_heads) * shape.head_dim
-    return RESIDUAL_FLOATS * shape.hidden + qkv + MLP_FLOATS * shape.intermediate
+def block_floats_per_token(shape: ModelShape, adapted: bool) -> int:
+    """a D + b H head_dim + c I floats per token (FROZEN_FLOATS, or ADAPTED_FLOATS for a block
+    with adapters): what a block keeps for its backward, keys, values and probabilities aside."""
+    a, b, c = ADAPTED_FLOATS if adapted else FROZEN_FLOATS
+    return a * shape.hidden + b * shape.heads * shape.head_dim + c * shape.intermediate
 
 
-def attention_probabilities(shape: ModelShape, ps: Pass, p: Precision) -> float:
-    """rows x H x tokens x keys floats of one block (+ the gathered prompt K and V of a
-    shared-prompt pass: rows x 2 KV head_dim x keys)."""
-    probs = ps.rows * shape.heads * ps.tokens * ps.keys
-    gathered = ps.rows * 2 * shape.kv_heads * shape.head_dim * ps.keys if ps.gathered else 0
-    return (probs + gathered) * p.float_bytes
+def attention_floats(shape: ModelShape, ps: PlannedPass) -> int:
+    """rows x (H x tokens x keys probabilities + 2 KV head_dim x keys keys and values): one
+    block's attention arrays kept for the backward."""
+    probs = PROBABILITY_COPIES * shape.heads * ps.tokens
+    return ps.rows * ps.keys * (probs + 2 * shape.kv_heads * shape.head_dim)
 
 
-def block_activations(shape: ModelShape, ps: Pass, p: Precision) -> float:
-    """What one block keeps for its backward: rows x tokens x ``block_floats_per_token`` floats +
-    ``attention_probabilities``."""
-    per_token = ps.rows * ps.tokens * block_floats_per_token(shape) * p.float_bytes
-    return per_token + attention_probabilities(shape, ps, p)
+def backward_layers(recipe: Recipe, shape: ModelShape, ps: PlannedPass) -> int:
+    """Blocks a pass's backward runs through: every block for the ``deep`` pass, whose inputs hold
+    the marker, when the marker's input row trains; else the adapted ones (passes without the
+    marker take its row as a constant: ``marker.input_row_unused``)."""
+    deep = ps.deep and marker_trained(recipe)
+    return shape.layers if deep else lora_layers(recipe, shape)
 
 
-def backward_layers(recipe: Recipe, shape: ModelShape) -> int:
-    """Blocks the backward pass runs through: all of them when the marker's input row trains (the
-    gradient reaches the embedding), else the adapted ones (the last lora.layers)."""
-    return shape.layers if marker_trained(recipe) else lora_layers(recipe, shape)
+def pass_activations(recipe: Recipe, shape: ModelShape, ps: PlannedPass, p: Precision) -> float:
+    """What a pass keeps until its backward, without checkpointing: over its n =
+    ``backward_layers`` blocks, the top lora.layers adapted, rows x tokens x
+    ``block_floats_per_token`` + ``attention_floats``, at float_bytes each."""
+    n = backward_layers(recipe, shape, ps)
+    adapted = min(lora_layers(recipe, shape), n)
+    tokens = ps.rows * ps.tokens
+    per_token = adapted * block_floats_per_token(shape, True)
+    per_token += (n - adapted) * block_floats_per_token(shape, False)
+    return (tokens * per_token + n * attention_floats(shape, ps)) * p.float_bytes
+
+
+def checkpointed_activations(
+    recipe: Recipe, shape: ModelShape, ps: PlannedPass, p: Precision
+) -> float:
+    """With train.grad_checkpoint (``prefix.grad_checkpoint``), what a pass keeps: per block its
+    inputs, rows x (tokens x D + 2 KV head_dim x keys) floats (the hidden state and the keys and
+    values it attends to, which are explicit inputs of the checkpointed call)."""
+    n = backward_layers(recipe, shape, ps)
+    kv = 2 * shape.kv_heads * shape.head_dim
+    return n * ps.rows * (ps.tokens * shape.hidden + kv * ps.keys) * p.float_bytes
 
 
 def layer_activations(recipe: Recipe, shape: ModelShape, p: Precision, checkpoint: bool) -> float:
-    """Over the passes with gradient, for n = ``backward_layers`` blocks:
-
-    * without checkpointing: n x ``block_activations`` + ATTENTION_TEMPORARIES x the
-      probabilities of the top block;
-    * with train.grad_checkpoint: n x rows x tokens x D (each block's input) + one block's
-      ``block_activations`` recomputed during its backward + the same temporaries.
-    """
-    n = backward_layers(recipe, shape)
-    total = 0.0
+    """Over the passes with gradient, what each keeps until the backward (``pass_activations``, or
+    ``checkpointed_activations`` with train.grad_checkpoint), plus the largest pass's transient
+    (one block is differentiated at a time): ATTENTION_TEMPORARIES x one block's probabilities,
+    and with checkpointing also RECOMPUTED_BLOCKS x an adapted block's activations."""
+    kept, transient = 0.0, 0.0
     for ps in update_passes(recipe):
         if not ps.grad:
             continue
-        block = block_activations(shape, ps, p)
-        temporaries = ATTENTION_TEMPORARIES * attention_probabilities(shape, ps, p)
+        probs = ps.rows * shape.heads * ps.tokens * ps.keys * p.float_bytes
+        extra = ATTENTION_TEMPORARIES * probs
         if checkpoint:
-            inputs = n * ps.rows * ps.tokens * shape.hidden * p.float_bytes
-            total += inputs + block + temporaries
+            kept += checkpointed_activations(recipe, shape, ps, p)
+            block = ps.rows * ps.tokens * block_floats_per_token(shape, True)
+            extra += RECOMPUTED_BLOCKS * (block + attention_floats(shape, ps)) * p.float_bytes
         else:
-            total += n * block + temporaries
-    return total
+            kept += pass_activations(recipe, shape, ps, p)
+        transient = max(transient, extra)
+    return kept + transient
 
 
-# [rows, tokens, V] arrays alive at the update's peak: the logits (kept for the log-softmax's
-# backward), their fp32 copy when the model computes in half precision, the marker column's
-# copy, and the log-softmax's backward (softmax and cotangent).
-LOGITS_COPIES = 3
+# [rows, tokens, V] float32 arrays: each pass with gradient keeps its (tempered) logits for the
+# log-softmax's backward; at the peak the largest pass holds LOGITS_TEMPORARIES more (the
+# softmax, the cotangent and its scatter from the picked targets).
+LOGITS_TEMPORARIES = 3
 
 
 def logits_activations(recipe: Recipe, shape: ModelShape, p: Precision) -> float:
-    """LOGITS_COPIES x rows x tokens x V x 4 bytes over the passes that reach the lm_head (+ one
-    more copy at temperature != 1, the tempered logits)."""
-    copies = LOGITS_COPIES + (recipe.rollout.temperature != 1.0)
-    tokens = sum(ps.rows * ps.tokens for ps in update_passes(recipe) if ps.logits)
-    return copies * tokens * shape.vocab * FP32
+    """(sum over passes with gradient + LOGITS_TEMPORARIES x the largest pass) x rows x tokens x
+    V x 4 bytes, over the passes that reach the lm_head."""
+    sizes = [ps.rows * ps.tokens for ps in update_passes(recipe) if ps.logits]
+    kept = sum(ps.rows * ps.tokens for ps in update_passes(recipe) if ps.logits and ps.grad)
+    return (kept + LOGITS_TEMPORARIES * max(sizes, default=0)) * shape.vocab * FP32
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -658,7 +715,7 @@ def check_fits(recipe: Recipe, source: str = "recipe") -> None:
     """Refuse, before any weight loads, a run whose plan exceeds this machine's memory; skipped
     with train.memory_check: false, or when the model's config is not at hand (the load itself
     then reports what is missing)."""
-    if not getattr(recipe.train, "memory_check", True):
+    if not recipe.train.memory_check:
         return
     try:
         shape = model_shape(recipe)
@@ -668,7 +725,8 @@ def check_fits(recipe: Recipe, source: str = "recipe") -> None:
     if not plan.fits:
         raise NrtError(
             f"{source}: the run does not fit in memory: {advice(recipe, plan)}; "
-            "'nrt-mlx plan' shows the terms; train.memory_check: false runs it anyway"
+            "'nrt-mlx plan' shows the terms; train.memory_check: false in the recipe (or --set "
+            "train.memory_check=false) runs it anyway"
         )
 
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from nrt_mlx import marker
+
 
 class AttentionCache:
     """A layer's cache for one pass: the keys and values the pass's rows attend to before their
@@ -94,7 +96,8 @@ def _run(
         keys = [c.keys if rows is None else c.keys[rows] for c, rows in picked]
         values = [c.values if rows is None else c.values[rows] for c, rows in picked]
         caches.append(AttentionCache(keys, values, mask, offset, record))
-    return model(inputs, cache=caches), caches
+    with marker.input_row_unused(model, inputs):
+        return model(inputs, cache=caches), caches
 
 
 def prompt_pass(model: Any, prompts: mx.array, valid: mx.array) -> list[AttentionCache] | None:
@@ -108,7 +111,8 @@ def prompt_pass(model: Any, prompts: mx.array, valid: mx.array) -> list[Attentio
     caches = [
         AttentionCache([], [], mask[:, None], 0, record=True) for _ in range(len(model.layers))
     ]
-    model(prompts, cache=caches)
+    with marker.input_row_unused(model, prompts):
+        model(prompts, cache=caches)
     return caches
 
 

@@ -9,7 +9,7 @@ only traces that stop before the think budget make a run smaller than planned.
 
     python scripts/plan_memory.py            # tiny grid, then SmolLM2 (minutes on 2 cores)
     python scripts/plan_memory.py --tiny     # tiny grid only
-    python scripts/plan_memory.py --one MODEL_DIR RUN_DIR '{"rollout.samples": 4, ...}'
+    python scripts/plan_memory.py --one MODEL_DIR '{"rollout.samples": 4, ...}'
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ def recipe_for(model_dir: Path, run_dir: Path, settings: dict[str, Any]) -> Any:
         "lora.layers": 2 if tiny else 8,
         "lora.rank": 8,
         "rollout.stop_at_special": False,
+        # Nucleus of ~one token: near-greedy traces that run to the think budget (at top_p 1 a
+        # random tiny model writes EOS or the marker every ~250 tokens), as the plan assumes.
+        "rollout.top_p": 0.01,
         "train.steps": 2,
         "train.questions_per_step": 2,
         "run.dir": str(run_dir),
@@ -84,8 +87,9 @@ def recipe_for(model_dir: Path, run_dir: Path, settings: dict[str, Any]) -> Any:
     return load_recipe(empty, overrides)
 
 
-def measure(model_dir: Path, settings: dict[str, Any]) -> float:
-    """Peak bytes of a real 2-step run, in this process."""
+def measure(model_dir: Path, settings: dict[str, Any]) -> tuple[float, float]:
+    """Peak bytes of a real 2-step run, in this process, and its traces' mean length in tokens
+    (the plan assumes the think budget)."""
     import mlx.core as mx
 
     from nrt_mlx.trainer import train
@@ -93,19 +97,23 @@ def measure(model_dir: Path, settings: dict[str, Any]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         recipe = recipe_for(model_dir, Path(tmp) / "run", settings)
         mx.reset_peak_memory()
-        train(recipe, quiet=True)
-        return float(mx.get_peak_memory())
+        run = train(recipe, quiet=True)
+        peak = float(mx.get_peak_memory())
+        steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        think = [s["trace_tokens_mean"] for s in steps if "trace_tokens_mean" in s]
+        return peak, sum(think) / max(len(think), 1)
 
 
-def measure_in_process(model_dir: Path, settings: dict[str, Any]) -> float:
-    """``measure`` in a fresh Python process (the last line it prints is the peak)."""
+def measure_in_process(model_dir: Path, settings: dict[str, Any]) -> tuple[float, float]:
+    """``measure`` in a fresh Python process (its last line: the peak and the mean trace)."""
     out = subprocess.run(
         [sys.executable, __file__, "--one", str(model_dir), json.dumps(settings)],
         capture_output=True,
         text=True,
         check=True,
     )
-    return float(out.stdout.strip().splitlines()[-1])
+    peak, think = out.stdout.strip().splitlines()[-1].split()
+    return float(peak), float(think)
 
 
 def planned(model_dir: Path, settings: dict[str, Any]) -> float:
@@ -124,21 +132,25 @@ def tiny_model() -> Path:
 
 
 def table(models: list[tuple[str, Path, list[dict[str, Any]]]]) -> None:
-    print("| model | settings | measured MB | planned MB | planned / measured |")
-    print("|---|---|---:|---:|---:|")
+    print("| model | settings | mean trace | measured MB | planned MB | planned / measured |")
+    print("|---|---|---:|---:|---:|---:|")
     for name, model_dir, grid in models:
         for settings in grid:
-            got, plan = measure_in_process(model_dir, settings), planned(model_dir, settings)
+            (got, think), plan = (
+                measure_in_process(model_dir, settings),
+                planned(model_dir, settings),
+            )
             label = " ".join(f"{k.split('.')[-1]}={v!r}" for k, v in settings.items())
             print(
-                f"| {name} | {label} | {got / 1e6:.1f} | {plan / 1e6:.1f} | {plan / got:.2f} |",
+                f"| {name} | {label} | {think:.1f} | {got / 1e6:.1f} | {plan / 1e6:.1f} "
+                f"| {plan / got:.2f} |",
                 flush=True,
             )
 
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--one"]:
-        print(measure(Path(argv[1]), json.loads(argv[2])))
+        print(*measure(Path(argv[1]), json.loads(argv[2])))
         return
     models = [("tiny", tiny_model(), TINY_GRID)]
     if "--tiny" not in argv:
