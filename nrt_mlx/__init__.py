@@ -7,4 +7,4 @@ from nrt_mlx.blas import use_system_blas
 
 use_system_blas()
 
-__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
+__version__ = "0.2.0"  # the package version (pyproject.toml reads it from here)

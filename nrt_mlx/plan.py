@@ -361,7 +361,7 @@ class PlannedPass:
     grad: bool  # a backward pass runs through it
     logits: bool  # the lm_head runs on it
     gathered: bool  # its rows concatenate keys and values recorded by earlier passes
-    deep: bool  # its inputs hold the marker: the backward runs through every block (backward_layers)
+    deep: bool  # its inputs hold the marker: the backward runs through every block
 
 
 def micro_questions(recipe: Recipe) -> int:
