@@ -16,13 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets  # the [hf] extra; the dev install has it
 import pytest
 
-datasets = pytest.importorskip("datasets")  # the [hf] extra; the dev install has it
-
-from nrt_mlx.data import load_data  # noqa: E402
-from nrt_mlx.errors import NrtError  # noqa: E402
-from nrt_mlx.recipe import DataConfig  # noqa: E402
+from nrt_mlx.data import load_data
+from nrt_mlx.errors import NrtError
+from nrt_mlx.recipe import DataConfig
 
 REPO = "acme/tiny-qa"
 REVISION = "0123456789abcdef0123456789abcdef01234567"

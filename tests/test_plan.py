@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from nrt_mlx.cli import app
 from nrt_mlx.errors import NrtError
+from nrt_mlx.export.default_model import fetch_default_gguf
 from nrt_mlx.plan import GB, check_fits, make_plan, model_shape, read_shape, render
 from nrt_mlx.recipe import load_recipe
 
@@ -77,17 +78,23 @@ def configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def default_model() -> Path:
+    """The quickstart's model, fetched and converted once if this machine has not yet (as
+    ``nrt-mlx quickstart`` does), so that recipes without model.path plan it."""
+    from nrt_mlx.export.default_model import default_model_dir
+
+    return default_model_dir()
+
+
 @pytest.mark.parametrize(
     "recipe", sorted(p.relative_to(REPO) for p in (REPO / "recipes").rglob("*.yaml")), ids=str
 )
-def test_every_recipe_plans(recipe, configs):
-    from nrt_mlx.export.default_model import MODEL_DIR_NAME, cache_root
-
+def test_every_recipe_plans(recipe, configs, default_model):
     path = yaml.safe_load((REPO / recipe).read_text())["model"]["path"]
     args = ["plan", str(REPO / recipe), "--backend", "metal"]
-    if path or not (cache_root() / MODEL_DIR_NAME / "config.json").is_file():
-        # No model.path (quickstart, reference) plans the default model when it is cached.
-        args += ["--config", str(configs.get(path, configs["meta-llama/Llama-3.2-3B"]))]
+    if path:  # no model.path (quickstart, reference) plans the cached default model
+        args += ["--config", str(configs[path])]
     code, out = cli(*args)
     assert code == 0, out
     lines = out.strip().splitlines()
@@ -170,17 +177,15 @@ def test_no_config_at_hand_is_a_one_line_error(tmp_path):
 
 
 def test_an_empty_model_path_plans_the_default_model(tmp_path, monkeypatch):
-    from nrt_mlx.export.default_model import CACHE_ENV, GGUF_NAME, cache_root
+    from nrt_mlx.export.default_model import CACHE_ENV, GGUF_NAME
 
-    gguf = cache_root() / "gguf" / GGUF_NAME
+    gguf = fetch_default_gguf()
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
     assert recipe.model.path == ""
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # nothing cached: one line naming --config
     with pytest.raises(NrtError, match="--config") as err:
         model_shape(recipe)
     assert "\n" not in str(err.value) and not any(tmp_path.iterdir())  # nothing downloaded
-    if not gguf.is_file():
-        pytest.skip("the SmolLM2 GGUF is not cached (nrt-mlx quickstart fetches it)")
     (tmp_path / "gguf").mkdir()
     (tmp_path / "gguf" / GGUF_NAME).symlink_to(gguf)  # only the GGUF: read as it is converted
     shape = model_shape(recipe)
@@ -188,11 +193,6 @@ def test_an_empty_model_path_plans_the_default_model(tmp_path, monkeypatch):
 
 
 def test_a_gguf_file_plans_from_its_metadata():
-    from nrt_mlx.export.default_model import GGUF_NAME, cache_root
-
-    gguf = cache_root() / "gguf" / GGUF_NAME
-    if not gguf.is_file():
-        pytest.skip("the SmolLM2 GGUF is not cached (nrt-mlx quickstart fetches it)")
-    shape = read_shape(gguf)
+    shape = read_shape(fetch_default_gguf())
     assert (shape.layers, shape.hidden, shape.heads, shape.kv_heads) == (30, 576, 9, 3)
     assert (shape.vocab, shape.tied, shape.bits) == (49152, True, 4)
