@@ -25,25 +25,30 @@ from nrt_mlx.recipe import ObjectiveConfig, Recipe
 # ---- per-token answer probabilities ---------------------------------------------------------------
 
 
-def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
-    """log p(target) = logit[target] - logsumexp(logits), in float32. logits [..., V], targets [...]."""
+def token_logprobs(logits: mx.array, targets: mx.array, lse: mx.array | None = None) -> mx.array:
+    """log p(target) = logit[target] - logsumexp(logits), in float32. logits [..., V], targets [...];
+    ``lse``: logsumexp(logits) [...] when the caller has it already."""
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    return picked - mx.logsumexp(logits, axis=-1)
+    return picked - (mx.logsumexp(logits, axis=-1) if lse is None else lse)
 
 
-def entropy(logits: mx.array) -> mx.array:
-    """H = logsumexp(l) - sum_v softmax(l)_v l_v per position, without gradient (a diagnostic)."""
+def entropy(logits: mx.array, lse: mx.array | None = None) -> mx.array:
+    """H = logsumexp(l) - sum_v softmax(l)_v l_v per position, without gradient (a diagnostic);
+    ``lse`` as in ``token_logprobs``."""
     logits = mx.stop_gradient(logits.astype(mx.float32))
-    lse = mx.logsumexp(logits, axis=-1, keepdims=True)
-    return lse.squeeze(-1) - (mx.exp(logits - lse) * logits).sum(axis=-1)
+    lse = mx.logsumexp(logits, axis=-1) if lse is None else mx.stop_gradient(lse)
+    return lse - (mx.exp(logits - lse[..., None]) * logits).sum(axis=-1)
 
 
 def _scored(logits: mx.array, targets: mx.array, temperature: float) -> tuple[mx.array, mx.array]:
-    """log p_T(targets) and the entropy of p_T, with p_T = softmax(logits / T)."""
-    if temperature != 1.0:  # T = 1 leaves the graph exactly as it was before temperatures existed
-        logits = logits.astype(mx.float32) / temperature
-    return token_logprobs(logits, targets), entropy(logits)
+    """log p_T(targets) and the entropy of p_T, with p_T = softmax(logits / T); one logsumexp
+    over the vocabulary serves both (it is the costliest part after the model)."""
+    logits = logits.astype(mx.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = mx.logsumexp(logits, axis=-1)
+    return token_logprobs(logits, targets, lse), entropy(logits, lse)
 
 
 def _shared_forward(model: Any, batch: Batch, temperature: float) -> tuple[mx.array, mx.array]:
