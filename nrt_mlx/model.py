@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from nrt_mlx import marker
+from nrt_mlx import kernels, marker
 from nrt_mlx.errors import NrtError, first_line
 from nrt_mlx.recipe import LoraConfig, ModelConfig
 
@@ -139,6 +139,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if backend() == "cpu":
         # bf16/fp16 matmuls on the CPU backend are emulated; fp32 is both faster and exact.
         model.set_dtype(mx.float32)
+        # and its exp is scalar: the gated MLPs' SiLU gets a vectorised kernel (nrt_mlx.kernels).
+        kernels.fast_mlps(model)
     mx.eval(model.parameters())
     return LoadedModel(model, tokenizer, cfg.path, local, config, have)
 

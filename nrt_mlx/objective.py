@@ -41,14 +41,18 @@ def entropy(logits: mx.array, lse: mx.array | None = None) -> mx.array:
     return lse - (mx.exp(logits - lse[..., None]) * logits).sum(axis=-1)
 
 
-def _scored(logits: mx.array, targets: mx.array, temperature: float) -> tuple[mx.array, mx.array]:
-    """log p_T(targets) and the entropy of p_T, with p_T = softmax(logits / T); one logsumexp
-    over the vocabulary serves both (it is the costliest part after the model)."""
+def _scored(
+    logits: mx.array, targets: mx.array, temperature: float, with_entropy: bool = True
+) -> tuple[mx.array, mx.array]:
+    """log p_T(targets) and the entropy of p_T (0 without ``with_entropy``), with p_T =
+    softmax(logits / T); one logsumexp over the vocabulary serves both (it is the costliest part
+    after the model, and the entropy costs as much again)."""
     logits = logits.astype(mx.float32)
     if temperature != 1.0:
         logits = logits / temperature
     lse = mx.logsumexp(logits, axis=-1)
-    return token_logprobs(logits, targets, lse), entropy(logits, lse)
+    lp = token_logprobs(logits, targets, lse)
+    return lp, entropy(logits, lse) if with_entropy else mx.zeros_like(lp)
 
 
 def _shared_forward(model: Any, batch: Batch, temperature: float) -> tuple[mx.array, mx.array]:
@@ -62,7 +66,9 @@ def _shared_forward(model: Any, batch: Batch, temperature: float) -> tuple[mx.ar
             model, prompt, valid, p.questions, p.think, p.answer, p.think_valid
         )
         targets = [p.think_targets] if p.answer is None else [p.think_targets, p.answer_targets]
-        scored = [_scored(lg, t, temperature) for lg, t in zip(logits, targets)]
+        # The entropy is a figure of the think positions only: those of a trace row's think pass.
+        thinks = [p.answer is not None, False]
+        scored = [_scored(lg, t, temperature, h) for lg, t, h in zip(logits, targets, thinks)]
         zero = mx.zeros((p.think.shape[0], 1), dtype=mx.float32)
         lp = mx.concatenate([lp for lp, _ in scored] + [zero], axis=1)
         ent = mx.concatenate([ent for _, ent in scored] + [zero], axis=1)

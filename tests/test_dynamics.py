@@ -254,8 +254,10 @@ def test_mini_batches_equal_sequential_updates_from_the_sampling_weights(
     want = sequential_updates(model, recipe, groups, prompts, fixed=True)
     scale = max(np.abs(want[k] - start[k]).max() for k in want)
     assert scale > 1e-3  # the adapters really moved
+    # AdamW turns float rounding of a near-zero gradient into up to a learning rate's step: the
+    # absolute tolerance is a small share of how far the adapters moved.
     for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4 * scale, err_msg=k)
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=3e-4 * scale, err_msg=k)
     # The comparison can tell: rewards and ratio taken afresh at the second update differ.
     model.update(tree_unflatten([(k, mx.array(x)) for k, x in start.items()]))
     stale = sequential_updates(model, recipe, groups, prompts, fixed=False)
