@@ -47,10 +47,19 @@ def _row(module: nn.Module, idx: int) -> mx.array:
     return w[0].astype(mx.float32)
 
 
-def _with_column(logits: mx.array, idx: int, column: mx.array) -> mx.array:
-    """``logits`` [..., V] with entry ``idx`` of the last axis replaced by ``column`` [...]."""
-    hit = mx.arange(logits.shape[-1]) == idx
-    return mx.where(hit, column[..., None].astype(logits.dtype), logits)
+def _with_column(logits: mx.array, x: mx.array, layer: _MarkerRow) -> mx.array:
+    """The frozen base's ``logits`` [..., V] with the marker's column replaced by x . marker_row.
+
+    Written as an update of that one column, the base's own column subtracted (its bias too): an
+    ``mx.where`` over the vocabulary copies the logits, and its gradient twice more (measured: 3x
+    the logits' memory in the backward pass against 1x, and 20 ms more per pass of 8 x 33 rows
+    on SmolLM2). The column equals x . marker_row up to float rounding of the base's product."""
+    base_row = mx.stop_gradient(_row(layer.base, layer.marker_id))
+    delta = x @ layer.marker_row - x @ base_row.astype(x.dtype)
+    bias = getattr(layer.base, "bias", None)
+    if bias is not None:
+        delta = delta - mx.stop_gradient(bias[layer.marker_id])
+    return logits.at[..., layer.marker_id].add(delta.astype(logits.dtype))
 
 
 class _MarkerRow(nn.Module):
@@ -74,14 +83,14 @@ class MarkerEmbedding(_MarkerRow):
         return mx.where((ids == self.marker_id)[..., None], row.astype(x.dtype), x)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return _with_column(self.base.as_linear(x), self.marker_id, x @ self.marker_row)
+        return _with_column(self.base.as_linear(x), x, self)
 
 
 class MarkerHead(_MarkerRow):
     """The output layer with the marker's row trainable (untied embeddings)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return _with_column(self.base(x), self.marker_id, x @ self.marker_row)
+        return _with_column(self.base(x), x, self)
 
 
 @contextmanager

@@ -263,7 +263,8 @@ def child_prepare(recipe: str, out: str) -> None:
         }
         for ex in data.examples
     ]
-    versions = {p: version(p) for p in ("mlx", "mlx-lm", "nrt-mlx")}
+    # nrt-mlx's own: an editable install's metadata keeps the version it was installed at.
+    versions = {p: version(p) for p in ("mlx", "mlx-lm")} | {"nrt-mlx": nrt_mlx.__version__}
     Path(out).write_text(
         json.dumps(
             {

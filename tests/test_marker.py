@@ -318,3 +318,40 @@ def test_bases_quantized_in_other_modes_are_refused_with_a_route(tiny_model_dir)
     model.freeze()
     with pytest.raises(NrtError, match=r"quantized in mode 'mxfp4'.*marker_rows: keep"):
         marker.setup(model, Vocabulary.of(tok), "eos")
+
+
+@pytest.mark.parametrize("kind", ["tied", "untied", "untied with bias"])
+def test_marker_column_value_and_gradients_are_those_of_the_replaced_row(kind):
+    """The output layer equals x @ W'.T, W' = the base weight with the marker's row replaced by
+    the trainable row, in value and in the gradients for x and the row."""
+    import mlx.nn as nn
+
+    vocab_size, dim, m = 40, 16, 7
+    mx.random.seed(3)
+    if kind == "tied":
+        base = nn.Embedding(vocab_size, dim)
+        layer, call = marker.MarkerEmbedding(base, m, mx.random.normal((dim,))), "as_linear"
+    else:
+        base = nn.Linear(dim, vocab_size, bias=kind.endswith("bias"))
+        layer, call = marker.MarkerHead(base, m, mx.random.normal((dim,))), "__call__"
+    base.freeze()
+    x = mx.random.normal((2, 3, dim))
+    cot = mx.random.normal((2, 3, vocab_size))
+
+    def ours(x, row):
+        layer.marker_row = row
+        return getattr(layer, call)(x)
+
+    def replaced(x, row):
+        weight = mx.concatenate([base.weight[:m], row[None], base.weight[m + 1 :]])
+        out = x @ weight.T
+        if "bias" in base:
+            out = out + mx.where(mx.arange(vocab_size) == m, 0.0, base.bias)
+        return out
+
+    row = layer.marker_row
+    (got,), got_grads = mx.vjp(ours, [x, row], [cot])
+    (want,), want_grads = mx.vjp(replaced, [x, row], [cot])
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-5, atol=1e-5)
