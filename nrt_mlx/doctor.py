@@ -20,6 +20,7 @@ def report() -> dict[str, str]:
     import mlx_lm
 
     from nrt_mlx.blas import blas_in_use
+    from nrt_mlx.heap import keep_freed_memory
     from nrt_mlx.model import backend
 
     out = {
@@ -28,6 +29,11 @@ def report() -> dict[str, str]:
         "device": str(mx.default_device()),
         "backend": backend(),
         "blas": blas_in_use() if backend() == "cpu" else "not used (GPU matmuls)",
+        "heap": (
+            "freed memory kept for reuse (NRT_MLX_MALLOC=system: glibc's defaults)"
+            if keep_freed_memory()
+            else "the C library's defaults"
+        ),
         "memory": _memory_gb(),
         "cpus": str(os.cpu_count()),
     }

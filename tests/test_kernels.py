@@ -109,3 +109,21 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     assert (flag, system_flag) == ("True", "False")
     # glibc maps every block above 32 MB afresh: ~16,000 page faults per 64 MB result.
     assert system > 3 * 12_000 and kept < 1_000, (kept, system)
+
+
+def test_doctor_reports_the_heap_setting() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NRT_MLX_MALLOC"}
+    lines = {}
+    for setting in (None, "system"):
+        if setting:
+            env["NRT_MLX_MALLOC"] = setting
+        out = subprocess.run(
+            [sys.executable, "-m", "nrt_mlx.cli", "doctor"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        lines[setting] = next(line for line in out.splitlines() if line.strip().startswith("heap:"))
+    assert "kept for reuse" in lines[None]
+    assert "defaults" in lines["system"] and "kept" not in lines["system"]
