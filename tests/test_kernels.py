@@ -92,14 +92,19 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, nrt_mlx.heap.
 """
 
 
-def _faults(setting: str | None) -> tuple[int, str]:
+def _python(args: list[str], malloc: str | None) -> str:
+    """stdout of this Python run with ``args``, NRT_MLX_MALLOC set to ``malloc`` (None: unset)."""
     env = {k: v for k, v in os.environ.items() if k != "NRT_MLX_MALLOC"}
-    if setting is not None:
-        env["NRT_MLX_MALLOC"] = setting
-    out = subprocess.run(
-        [sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True
+    if malloc is not None:
+        env["NRT_MLX_MALLOC"] = malloc
+    run = subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, check=True
     )
-    faults, kept = out.stdout.split()
+    return run.stdout
+
+
+def _faults(setting: str | None) -> tuple[int, str]:
+    faults, kept = _python(["-c", _FAULTS], setting).split()
     return int(faults), kept
 
 
@@ -112,18 +117,9 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
 
 
 def test_doctor_reports_the_heap_setting() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "NRT_MLX_MALLOC"}
     lines = {}
     for setting in (None, "system"):
-        if setting:
-            env["NRT_MLX_MALLOC"] = setting
-        out = subprocess.run(
-            [sys.executable, "-m", "nrt_mlx.cli", "doctor"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        out = _python(["-m", "nrt_mlx.cli", "doctor"], setting)
         lines[setting] = next(line for line in out.splitlines() if line.strip().startswith("heap:"))
     assert "kept for reuse" in lines[None]
     assert "defaults" in lines["system"] and "kept" not in lines["system"]
