@@ -35,12 +35,13 @@ def run(size: int, repeats: int, system_blas: bool) -> dict:
     env["NRT_MLX_BLAS"] = env.get("NRT_MLX_BLAS", "") if system_blas else "0"
     if env["NRT_MLX_BLAS"] == "":
         env.pop("NRT_MLX_BLAS")
+    return child_json([CHILD, str(size), str(repeats)], env)
+
+
+def child_json(args: list[str], env: dict[str, str]) -> dict:
+    """The JSON record a ``python -c`` child prints last (also used by bench_kernels.py)."""
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(size), str(repeats)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, "-c", *args], env=env, capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

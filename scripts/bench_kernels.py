@@ -16,10 +16,7 @@ Timings alternate between the contenders; read the ratios, not the absolute figu
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +26,7 @@ import nrt_mlx  # noqa: F401  (system BLAS and heap setting before mlx.core)
 # isort: split
 import mlx.core as mx
 import numpy as np
+from bench_blas import child_json  # scripts/ is on sys.path when run as a script
 from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 
 from nrt_mlx import kernels
@@ -65,14 +63,7 @@ def heap(setting: str | None, n: int) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if k != "NRT_MLX_MALLOC"}
     if setting:
         env["NRT_MLX_MALLOC"] = setting
-    out = subprocess.run(
-        [sys.executable, "-c", _HEAP_CHILD.format(n=n)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json([_HEAP_CHILD.format(n=n)], env)
 
 
 def main() -> None:
