@@ -131,9 +131,8 @@ def fast_mlps(model: nn.Module) -> int:
     compute mlx-lm's sigmoid at full speed."""
     if mx.default_device() != mx.cpu:
         return 0
-    layers = getattr(getattr(model, "model", model), "layers", None) or getattr(model, "layers", [])
     count = 0
-    for layer in layers:
+    for layer in model.layers:  # mlx-lm models expose their blocks here (as num_lora_layers uses)
         mlp = getattr(layer, "mlp", None)
         if type(mlp) is not SwiGLU and _is_gated_mlp(mlp):
             layer.mlp = SwiGLU(mlp)
