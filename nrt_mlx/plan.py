@@ -415,6 +415,10 @@ def update_passes(recipe: Recipe) -> list[PlannedPass]:
 # some arrays (masked scores, casts, graph siblings) longer than the vjp needs them.
 FROZEN_FLOATS = (3, 1, 3)  # (x D, x H head_dim, x I) per token
 ADAPTED_FLOATS = (5, 2, 5)
+# On the CPU backend ``kernels.fast_mlps`` swaps in a SwiGLU whose backward keeps only its two
+# inputs, not mlx-lm's sigmoid and product as well: one I fewer per token (measured: 4 % of the
+# tiny model's peak).
+CPU_SWIGLU_SAVED = 1
 PROBABILITY_COPIES = 1.25
 # At the backward's peak the pass with the largest probabilities holds one more block's copy
 # (their cotangent); with checkpointing, also the activations of the block being recomputed.
@@ -422,10 +426,12 @@ ATTENTION_TEMPORARIES = 1
 RECOMPUTED_BLOCKS = 1
 
 
-def block_floats_per_token(shape: ModelShape, adapted: bool) -> int:
+def block_floats_per_token(shape: ModelShape, adapted: bool, p: Precision) -> int:
     """a D + b H head_dim + c I floats per token (FROZEN_FLOATS, or ADAPTED_FLOATS for a block
-    with adapters): what a block keeps for its backward, keys, values and probabilities aside."""
+    with adapters; c less CPU_SWIGLU_SAVED on the CPU backend): what a block keeps for its
+    backward, keys, values and probabilities aside."""
     a, b, c = ADAPTED_FLOATS if adapted else FROZEN_FLOATS
+    c -= CPU_SWIGLU_SAVED if p.backend == "cpu" else 0
     return a * shape.hidden + b * shape.heads * shape.head_dim + c * shape.intermediate
 
 
@@ -451,8 +457,8 @@ def pass_activations(recipe: Recipe, shape: ModelShape, ps: PlannedPass, p: Prec
     n = backward_layers(recipe, shape, ps)
     adapted = min(lora_layers(recipe, shape), n)
     tokens = ps.rows * ps.tokens
-    per_token = adapted * block_floats_per_token(shape, True)
-    per_token += (n - adapted) * block_floats_per_token(shape, False)
+    per_token = adapted * block_floats_per_token(shape, True, p)
+    per_token += (n - adapted) * block_floats_per_token(shape, False, p)
     return (tokens * per_token + n * attention_floats(shape, ps)) * p.float_bytes
 
 
@@ -480,7 +486,7 @@ def layer_activations(recipe: Recipe, shape: ModelShape, p: Precision, checkpoin
         extra = ATTENTION_TEMPORARIES * probs
         if checkpoint:
             kept += checkpointed_activations(recipe, shape, ps, p)
-            block = ps.rows * ps.tokens * block_floats_per_token(shape, True)
+            block = ps.rows * ps.tokens * block_floats_per_token(shape, True, p)
             extra += RECOMPUTED_BLOCKS * (block + attention_floats(shape, ps)) * p.float_bytes
         else:
             kept += pass_activations(recipe, shape, ps, p)
@@ -490,8 +496,9 @@ def layer_activations(recipe: Recipe, shape: ModelShape, p: Precision, checkpoin
 
 # [rows, tokens, V] float32 arrays: each pass with gradient keeps its (tempered) logits for the
 # log-softmax's backward; at the peak the largest pass holds LOGITS_TEMPORARIES more (the
-# softmax, the cotangent and its scatter from the picked targets).
-LOGITS_TEMPORARIES = 3
+# softmax and the cotangent; the marker's output column is a one-column update, so it adds no
+# vocabulary-wide select to differentiate).
+LOGITS_TEMPORARIES = 2
 
 
 def logits_activations(recipe: Recipe, shape: ModelShape, p: Precision) -> float:
