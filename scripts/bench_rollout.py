@@ -10,6 +10,12 @@ both alike; the ratio is what to read, not the absolute rates. ``--old`` adds an
 ``rollout.py`` (e.g. a copy of an earlier version) as a third contender.
 
 ``rollout_throughput`` is the function other scripts (scripts/bench.py) call.
+
+``--floor`` prints what bounds a decode step from below on this machine instead: the time to read
+the model's weights once (numpy's sum over as many bytes: the memory bandwidth), one MLX matmul of
+all of them at the batch's rows (the BLAS's best case, as if every linear were fused into one),
+and the model's real decode step (mlx-lm's forward with a KV cache, which ``batch_generate`` and
+the rollout both run). Each figure is the best of its repeats: other processes only slow it down.
 """
 
 from __future__ import annotations
@@ -116,6 +122,49 @@ def rollout_throughput(
     return race(contenders, prompts, cfg, repeats)
 
 
+def best_seconds(run: Callable[[], object], repeats: int = 20) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul(m: int, k: int, n: int) -> Callable[[], None]:
+    """One fp32 [m, k] x [k, n] product in MLX (the weight stored [n, k], as nn.Linear's)."""
+    x, w = mx.random.normal((m, k)), mx.random.normal((n, k))
+    mx.eval(x, w)
+    return lambda: mx.eval(x @ w.T)
+
+
+def decode_floor(model, rows: int, context: int = 50) -> dict[str, float]:
+    """Seconds of one decode step of ``rows`` rows after ``context`` cached positions, against
+    the weights' read time and one matmul over all of them (see the module docstring)."""
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.cache import make_prompt_cache
+
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    values = np.ones(weights // 4, dtype=np.float32)
+    read = best_seconds(values.sum)
+    del values
+    hidden = model.args.hidden_size
+    gemm = best_seconds(matmul(rows, hidden, weights // 4 // hidden))
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.ones((rows, context), dtype=mx.int32), cache=cache))
+    token = mx.ones((rows, 1), dtype=mx.int32)
+
+    def step() -> None:
+        for c in cache:  # every repeat decodes at the same position
+            c.offset -= 1
+        mx.eval(model(token, cache=cache))
+
+    step()
+    return {"weight_bytes": weights, "read": read, "gemm": gemm, "step": best_seconds(step)}
+
+
 def question_prompts(vocab: Vocabulary, count: int) -> list[list[int]]:
     """The first ``count`` questions of the bundled training data as chat prompts."""
     lines = DATA.read_text(encoding="utf-8").splitlines()[:count]
@@ -142,8 +191,19 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--old", help="another rollout.py to race as 'old'")
+    parser.add_argument("--floor", action="store_true", help="print a decode step's lower bounds")
     args = parser.parse_args()
     model, tokenizer = mlx_lm.load(args.model)
+    if args.floor:
+        rows = args.questions * args.samples
+        f = decode_floor(model, rows)
+        print(f"decode step of {rows} rows, {f['weight_bytes'] / 1e6:.0f} MB of weights:")
+        print(f"  weights read once (numpy): {f['read'] * 1e3:6.1f} ms "
+              f"({f['weight_bytes'] / f['read'] / 1e9:.1f} GB/s)")  # fmt: skip
+        print(f"  one matmul over them all:  {f['gemm'] * 1e3:6.1f} ms")
+        print(f"  mlx-lm decode step:        {f['step'] * 1e3:6.1f} ms")
+        print(f"  twice batch_generate's tokens/s needs a step of {f['step'] / 2 * 1e3:.1f} ms")
+        return
     prompts = question_prompts(Vocabulary.of(tokenizer), args.questions)
     extra = {"old": load_module(args.old).sample_traces} if args.old else None
     rates = rollout_throughput(
