@@ -100,6 +100,11 @@ def _run(
         return model(inputs, cache=caches), caches
 
 
+def real_lengths(valid: mx.array) -> mx.array:
+    """[n] int32: the real tokens of each row of ``valid`` [n, W]."""
+    return valid.sum(axis=1).astype(mx.int32)
+
+
 def prompt_pass(model: Any, prompts: mx.array, valid: mx.array) -> list[AttentionCache] | None:
     """Run ``prompts`` [Q, P] (left-padded; ``valid`` marks real tokens) and record each layer's
     keys and values. The logits are never used, so MLX never computes them. A pad position also
@@ -108,8 +113,10 @@ def prompt_pass(model: Any, prompts: mx.array, valid: mx.array) -> list[Attentio
     if width == 0:
         return None
     mask = (_causal(width)[None] & valid[:, None, :]) | mx.eye(width, dtype=mx.bool_)[None]
+    offset = real_lengths(valid) - width  # each row's first real token at position 0
     caches = [
-        AttentionCache([], [], mask[:, None], 0, record=True) for _ in range(len(model.layers))
+        AttentionCache([], [], mask[:, None], offset, record=True)
+        for _ in range(len(model.layers))
     ]
     with marker.input_row_unused(model, prompts):
         model(prompts, cache=caches)
@@ -133,11 +140,11 @@ def continuation_logits(
         before: list = []
         offset = 0
     else:
-        before, offset = [(prompt, questions, valid[questions])], prompt[0].keys.shape[2]
+        before, offset = [(prompt, questions, valid[questions])], real_lengths(valid)[questions]
     logits, think_caches = _run(model, think, before, offset, record=answer is not None)
     if answer is None:
         return [logits]
-    lengths = think_valid.sum(axis=1).astype(mx.int32)
+    lengths = real_lengths(think_valid)
     after = [*before, (think_caches, None, think_valid)]
     answer_logits, _ = _run(model, answer, after, offset + lengths, record=False)
     return [logits, answer_logits]
