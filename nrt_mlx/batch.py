@@ -12,12 +12,13 @@ tokens. ``collate`` checks everything the objective relies on, once, on the host
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from dataclasses import replace as dataclass_replace
 
 import mlx.core as mx
 import numpy as np
 
+from nrt_mlx import reuse
 from nrt_mlx.errors import NrtError
 from nrt_mlx.rollout import Trace
 
@@ -34,16 +35,19 @@ class Row:
     question: int  # group id of the question within the batch
     is_null: bool
     emitted_marker: bool  # the sampled trace ended with the marker itself (False for null rows)
+    # the rollout's states below the adapters (Trace.states), for a shared-prompt batch
+    states: tuple[reuse.States, reuse.States] | None = field(default=None, repr=False)
 
 
 def _row(
     prompt: list[int], think: list[int], marker: list[int], answer: list[int], question: int,
     is_null: bool = False, emitted: bool = False,
+    states: tuple[reuse.States, reuse.States] | None = None,
 ) -> Row:  # fmt: skip
     parts = ((prompt, PROMPT), (think, THINK), (marker, MARKER), (answer, ANSWER))
     tokens = [int(t) for ids, _ in parts for t in ids]
     segments = [seg for ids, seg in parts for _ in ids]
-    return Row(tokens, segments, question, is_null, emitted)
+    return Row(tokens, segments, question, is_null, emitted, states)
 
 
 def _think_room(prompt: list[int], marker: list[int], answer: list[int], max_length: int) -> int:
@@ -93,6 +97,7 @@ def build_rows(
             question,
             False,
             t.emitted_marker and len(t.tokens) <= room,
+            t.states,
         )
         for t in traces
     ]
@@ -124,6 +129,7 @@ class Pass:
     answer_targets: mx.array | None  # [n, Wb] int32
     columns: mx.array  # [n, L]: column of [think | answer | 0] holding continuation token j
     grad: bool
+    replay: reuse.Replay | None = None  # the think part's states below the adapters
 
 
 @dataclass
@@ -156,6 +162,7 @@ class Batch:
     prompt_of_row: mx.array | None = None  # [B] int32: the row's question in `prompts`
     passes: tuple[Pass, ...] = ()
     unpermute: mx.array | None = None  # [B]: where row b is in the passes' concatenated output
+    prompt_replay: reuse.Replay | None = None  # the prompt pass's states below the adapters
 
 
 def _null_rows(rows: list[Row]) -> np.ndarray:
@@ -270,6 +277,14 @@ def _pass(
         think[j, :s], think_targets[j, :s] = x[:s], targets[:s]
         answer[j, : len(x) - s], answer_targets[j, : len(x) - s] = x[s:], targets[s:]
         columns[j, : len(x)] = np.concatenate([np.arange(s), wa + np.arange(len(x) - s)])
+    replay = None
+    if grad and all(body[i].states is not None for i in rows):
+        kept = []
+        for i, s in zip(rows, split):
+            before, after = body[i].states  # the prompt's, the row's think tokens'
+            last = before.take(len(before) - 1, len(before))
+            kept.append(reuse.joined([last, after.take(0, s - 1)]))
+        replay = reuse.layout(kept, wa, left=False)
     return Pass(
         rows=mx.array(np.array(rows, dtype=np.int32)),
         questions=mx.array(np.array([questions[i] for i in rows], dtype=np.int32)),
@@ -280,6 +295,7 @@ def _pass(
         answer_targets=mx.array(answer_targets) if wb else None,
         columns=mx.array(columns),
         grad=grad,
+        replay=replay,
     )
 
 
@@ -299,6 +315,18 @@ def _passes(
     return passes, mx.array(np.argsort(order).astype(np.int32))
 
 
+def _prompt_states(body: list[Row], index: list[int], questions: int) -> list | None:
+    """Each question's prompt states, when every trace row brought the rollout's states."""
+    kept: list = [None] * questions
+    for row, q in zip(body, index):
+        if row.is_null:
+            continue
+        if row.states is None:
+            return None
+        kept[q] = row.states[0]
+    return None if any(k is None for k in kept) else kept
+
+
 def collate(rows: list[Row], pad_id: int, share_prompt: bool = False) -> Batch:
     """Right-pad rows into a Batch, after checking what the objective relies on; with
     ``share_prompt``, in the shared-prompt layout (each question's prompt once, the rows' tokens
@@ -316,7 +344,11 @@ def collate(rows: list[Row], pad_id: int, share_prompt: bool = False) -> Batch:
         for q, p in enumerate(prompts):
             padded[q, width - len(p) :] = p
         passes, unpermute = _passes(body, index, [p[-1] for p in prompts], pad_id)
+        kept = _prompt_states(body, index, len(prompts))
         shared = dict(
+            prompt_replay=None
+            if kept is None or any(p.replay is None for p in passes if p.grad)
+            else reuse.layout([k.take(0, len(k) - 1) for k in kept], width - 1, left=True),
             prompts=mx.array(padded),
             prompt_valid=mx.array(
                 np.arange(width)[None] >= width - np.array([len(p) for p in prompts])[:, None]

@@ -59,11 +59,11 @@ def _shared_forward(model: Any, batch: Batch, temperature: float) -> tuple[mx.ar
     """``forward`` of a shared-prompt batch: one prompt pass, then each of ``batch.passes``
     (think part, and answer part for trace rows; nrt_mlx.prefix), put back in row order."""
     valid = batch.prompt_valid[:, :-1]
-    prompt = prefix.prompt_pass(model, batch.prompts[:, :-1], valid)
+    prompt = prefix.prompt_pass(model, batch.prompts[:, :-1], valid, batch.prompt_replay)
     lps, ents = [], []
     for p in batch.passes:
         logits = prefix.continuation_logits(
-            model, prompt, valid, p.questions, p.think, p.answer, p.think_valid
+            model, prompt, valid, p.questions, p.think, p.answer, p.think_valid, p.replay
         )
         targets = [p.think_targets] if p.answer is None else [p.think_targets, p.answer_targets]
         # The entropy is a figure of the think positions only: those of a trace row's think pass.

@@ -32,7 +32,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from nrt_mlx import marker
+from nrt_mlx import marker, reuse
 
 
 class AttentionCache:
@@ -79,10 +79,12 @@ def _run(
     before: list[tuple[list[AttentionCache], mx.array | None, mx.array]],
     offset: int | mx.array,
     record: bool,
+    replay: reuse.Replay | None = None,
 ) -> tuple[mx.array, list[AttentionCache]]:
     """Logits [n, L, V] of ``inputs`` [n, L], each row attending first to ``before``: per source,
     (caches of an earlier pass, the source row of each row or None for the same rows, the [n, S]
-    mask of the source's real positions), then causally to itself."""
+    mask of the source's real positions), then causally to itself; the blocks below the adapters
+    taken from ``replay`` when given (``nrt_mlx.reuse``)."""
     n, width = inputs.shape
     masks = [
         mx.broadcast_to(valid[:, None, None, :], (n, 1, width, valid.shape[1]))
@@ -96,7 +98,7 @@ def _run(
         keys = [c.keys if rows is None else c.keys[rows] for c, rows in picked]
         values = [c.values if rows is None else c.values[rows] for c, rows in picked]
         caches.append(AttentionCache(keys, values, mask, offset, record))
-    with marker.input_row_unused(model, inputs):
+    with marker.input_row_unused(model, inputs), reuse.replaying(model, replay):
         return model(inputs, cache=caches), caches
 
 
@@ -105,20 +107,22 @@ def real_lengths(valid: mx.array) -> mx.array:
     return valid.sum(axis=1).astype(mx.int32)
 
 
-def prompt_pass(model: Any, prompts: mx.array, valid: mx.array) -> list[AttentionCache] | None:
+def prompt_pass(
+    model: Any, prompts: mx.array, valid: mx.array, replay: reuse.Replay | None = None
+) -> list[AttentionCache] | None:
     """Run ``prompts`` [Q, P] (left-padded; ``valid`` marks real tokens) and record each layer's
-    keys and values. The logits are never used, so MLX never computes them. A pad position also
-    attends to itself, so no attention row is empty (an empty one would be NaN)."""
+    keys and values (below the adapters from ``replay`` when given). The logits are never used,
+    so MLX never computes them. A pad position also attends to itself, so no attention row is
+    empty (an empty one would be NaN)."""
     width = prompts.shape[1]
     if width == 0:
         return None
     mask = (_causal(width)[None] & valid[:, None, :]) | mx.eye(width, dtype=mx.bool_)[None]
     offset = real_lengths(valid) - width  # each row's first real token at position 0
     caches = [
-        AttentionCache([], [], mask[:, None], offset, record=True)
-        for _ in range(len(model.layers))
+        AttentionCache([], [], mask[:, None], offset, record=True) for _ in range(len(model.layers))
     ]
-    with marker.input_row_unused(model, prompts):
+    with marker.input_row_unused(model, prompts), reuse.replaying(model, replay):
         model(prompts, cache=caches)
     return caches
 
@@ -131,17 +135,19 @@ def continuation_logits(
     think: mx.array,
     answer: mx.array | None = None,
     think_valid: mx.array | None = None,
+    replay: reuse.Replay | None = None,
 ) -> list[mx.array]:
     """Logits of rows of ``questions`` [n] after their recorded ``prompt`` (``valid`` [Q, P]):
     ``think`` [n, Wa] attends to the prompt; ``answer`` [n, Wb], when given, to the prompt, to
     the row's own think tokens (``think_valid`` [n, Wa]) and to itself, its positions starting
-    after the row's real think tokens. Returns [think logits] or [think logits, answer logits]."""
+    after the row's real think tokens. Returns [think logits] or [think logits, answer logits].
+    ``replay``: the think part's states below the adapters (``nrt_mlx.reuse``)."""
     if prompt is None:  # one-token prompts: nothing to attend to before the continuation
         before: list = []
         offset = 0
     else:
         before, offset = [(prompt, questions, valid[questions])], real_lengths(valid)[questions]
-    logits, think_caches = _run(model, think, before, offset, record=answer is not None)
+    logits, think_caches = _run(model, think, before, offset, answer is not None, replay)
     if answer is None:
         return [logits]
     lengths = real_lengths(think_valid)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
+from nrt_mlx import reuse
 from nrt_mlx.recipe import RolloutConfig
 from nrt_mlx.vocab import Vocabulary
 
@@ -27,6 +28,11 @@ from nrt_mlx.vocab import Vocabulary
 class Trace:
     tokens: list[int]  # the sampled reasoning z, without the marker and without EOS
     emitted_marker: bool  # the model wrote the marker itself
+    # (prompt, think) states below the first adapted block, when the rollout kept them for the
+    # update (nrt_mlx.reuse): the question's prompt, then this row's think tokens.
+    states: tuple[reuse.States, reuse.States] | None = field(
+        default=None, repr=False, compare=False
+    )
 
 
 @dataclass
@@ -141,6 +147,7 @@ def _decode(
     finished: Callable[[list[int]], bool],
     max_steps: int,
     per_row: bool = False,
+    capture: reuse.Capture | None = None,
 ) -> tuple[list[list[int]], RolloutStats]:
     """``copies`` continuations of each prompt, rows in prompt order; ``pick(logits, key)``
     chooses the next tokens and ``finished(ids so far)`` ends a row. ``per_row``: ``key`` holds
@@ -151,9 +158,15 @@ def _decode(
     When a row finished at step t, step t + 1 is sampled again over the rows still decoding with
     the same key, so every step draws over exactly the live rows, as an unpipelined loop that
     drops finished rows at once would (the random draws depend on the batch shape).
+
+    With ``capture`` every model call's batch rows are noted with it, and a row cut at
+    ``max_steps`` has its last token fed once more, so that every sampled token went through the
+    model (``reuse.Capture.rows_states``).
     """
     start = time.perf_counter()
     cache, logits = _prefill(model, prompts)
+    if capture is not None:
+        capture.rows.append(list(range(len(prompts))))
     rows = [q for q in range(len(prompts)) for _ in range(copies)]
     if copies > 1:
         logits = _take(cache, logits, rows)
@@ -166,6 +179,8 @@ def _decode(
         if step + 1 < max_steps:  # queue the next step before reading this one
             ids = tokens if len(live) == len(owner) else _spread(tokens, live, len(owner))
             logits = model(ids[:, None], cache=cache)[:, -1, :]
+            if capture is not None:
+                capture.rows.append(list(owner))
             nxt, nxt_key = pick(logits if len(live) == len(owner) else logits[mx.array(live)], key)
             mx.async_eval(nxt, nxt_key)
         ended = set()
@@ -189,6 +204,12 @@ def _decode(
             nxt, nxt_key = pick(logits, key)  # this step again, over the live rows only
             mx.async_eval(nxt, nxt_key)
         tokens, key = nxt, nxt_key
+    if capture is not None:
+        if step + 1 == max_steps:  # rows cut at the budget: their last token was never fed
+            ids = tokens if len(live) == len(owner) else _spread(tokens, live, len(owner))
+            model(ids[:, None], cache=cache)
+            capture.rows.append(list(owner))
+        mx.eval(capture.arrays())
     mx.synchronize()  # a step queued after the last row ended still costs its time
     seconds = time.perf_counter() - start
     return out, RolloutStats(sum(len(o) for o in out), seconds)
@@ -250,6 +271,7 @@ def sample_traces(
     vocab: Vocabulary,
     key: mx.array,
     questions: list[int] | None = None,
+    keep_below: int = 0,
 ) -> tuple[list[list[Trace]], RolloutStats]:
     """``cfg.samples`` traces per prompt, traces[q][k]; ``key`` makes them deterministic.
 
@@ -262,6 +284,10 @@ def sample_traces(
     A trace ends when the model writes the marker, writes EOS (or, with ``cfg.stop_at_special``,
     any special token; that token is dropped), or reaches ``cfg.max_think_tokens`` (cut there; a
     text marker begun within the budget may still be completed).
+
+    ``keep_below`` > 0 keeps, in each trace's ``states``, the states of blocks below that one
+    (``nrt_mlx.reuse``) when the marker is a special token (a text marker's trace may be
+    tokenised again, so its tokens need not be the ones that went through the model).
     """
     watch, stop, budget = (
         MarkerWatch(vocab),
@@ -283,7 +309,12 @@ def sample_traces(
         pick = row_sampler(cfg.temperature, cfg.top_p)
         key = row_keys(key, [i * k + j for i in questions for j in range(k)])
     per_row = questions is not None
-    seqs, stats = _decode(model, prompts, k, pick, key, finished, steps, per_row)
+    if keep_below > 0 and watch.id is not None:
+        with reuse.capturing(model, keep_below) as capture:
+            seqs, stats = _decode(model, prompts, k, pick, key, finished, steps, per_row, capture)
+    else:
+        capture = None
+        seqs, stats = _decode(model, prompts, k, pick, key, finished, steps, per_row)
     traces = []
     for seq in seqs:
         think = watch.think(seq, budget) if watch.written(seq) else None
@@ -293,6 +324,11 @@ def sample_traces(
             traces.append(Trace(seq[:-1][:budget], False))
         else:
             traces.append(Trace(seq[:budget], False))
+    if capture is not None:
+        kept = capture.prompts([len(p) for p in prompts])
+        rows = capture.rows_states([len(t.tokens) for t in traces])
+        for r, (t, states) in enumerate(zip(traces, rows)):
+            t.states = (kept[r // k], states)
     return [traces[q * k : (q + 1) * k] for q in range(len(prompts))], stats
 
 

@@ -22,7 +22,13 @@ from nrt_mlx.batch import THINK, build_rows, collate
 from nrt_mlx.data import Dataset, Example, drop_long, load_data
 from nrt_mlx.distributed import Group
 from nrt_mlx.errors import NrtError
-from nrt_mlx.model import LoadedModel, adapter_config, add_adapters, load_model
+from nrt_mlx.model import (
+    LoadedModel,
+    adapter_config,
+    add_adapters,
+    load_model,
+    num_lora_layers,
+)
 from nrt_mlx.objective import (
     answer_logprobs,
     default_normalizer,
@@ -57,6 +63,9 @@ class Session:
     normalizer: float | None  # N of the loss; None: per step (objective.default_normalizer)
     data_report: str  # what was kept and skipped of data.train
     shared_prompt: bool = False  # NRT batches in the shared-prompt layout (nrt_mlx.prefix)
+    # Blocks below the first adapted one, whose rollout states the update reuses (nrt_mlx.reuse;
+    # 0: none, e.g. without the shared prompt)
+    reuse_below: int = 0
     position: int = 0  # questions consumed so far (the data position a checkpoint saves)
     group: Group = field(default_factory=Group)  # the processes training the run (mlx.launch)
 
@@ -200,6 +209,9 @@ def prepare(recipe: Recipe, group: Group | None = None) -> Session:
         normalizer=default_normalizer(recipe),
         data_report=train_data.report(),
         shared_prompt=shared,
+        reuse_below=len(loaded.model.layers) - num_lora_layers(loaded.model, recipe.lora)
+        if shared
+        else 0,
         group=group or Group(),
     )
 

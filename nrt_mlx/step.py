@@ -93,10 +93,13 @@ def sample(
         if g.size > 1:  # the ranks' batches must not draw the same numbers
             key = mx.random.split(key, g.size)[g.rank]
     model = session.loaded.model
+    prompts = [it.prompt for it in items]
+    # A prompt holding the marker would change below the adapters when its input row trains.
+    marker = set(session.vocab.marker.ids)
+    keep = 0 if any(marker & set(p) for p in prompts) else session.reuse_below
     model.eval()
     try:
-        prompts = [it.prompt for it in items]
-        return sample_traces(model, prompts, cfg, session.vocab, key, rows)
+        return sample_traces(model, prompts, cfg, session.vocab, key, rows, keep)
     finally:
         model.train()
 

@@ -218,9 +218,7 @@ def _sliding(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return out
 
 
-def test_probe_passes_a_model_with_absolute_positions(
-    tmp_path: Path, tiny_model_dir, tiny
-) -> None:
+def test_probe_passes_a_model_with_absolute_positions(tmp_path: Path, tiny_model_dir, tiny) -> None:
     """GPT-2 adds learned position embeddings at the cache's offset: the passes count each row's
     positions from its first real token (a left-padded prompt starts below 0), so they are those
     of the full rows and the probe finds the same log-probs, as it does for the tiny Llama."""
