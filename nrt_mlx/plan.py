@@ -340,6 +340,28 @@ def prompt_caches(recipe: Recipe, shape: ModelShape, p: Precision) -> float:
     return recipe.train.questions_per_step * blocks * _kv_row(shape, p)
 
 
+def reused_blocks(recipe: Recipe, shape: ModelShape) -> int:
+    """Blocks below the first adapted one whose rollout states the update reuses
+    (``nrt_mlx.reuse``): NRT with the shared prompt and a special-token marker, else 0."""
+    t = recipe.train
+    if t.method != "nrt" or not t.shared_prompt or not special_marker(recipe):
+        return 0
+    return shape.layers - lora_layers(recipe, shape)
+
+
+def rollout_states(recipe: Recipe, shape: ModelShape, p: Precision) -> float:
+    """(Q P + Q K T) positions x (D + 2 b KV head_dim) floats, b = ``reused_blocks``: per prompt
+    and trace token, the hidden state entering the first adapted block and the keys and values
+    of the blocks below it. One copy while sampling; the update holds it and the passes' padded
+    copy of it."""
+    b = reused_blocks(recipe, shape)
+    if b == 0:
+        return 0.0
+    q, k = recipe.train.questions_per_step, recipe.rollout.samples
+    positions = q * recipe.data.max_prompt_tokens + q * k * recipe.rollout.max_think_tokens
+    return positions * (shape.hidden + 2 * b * shape.kv_heads * shape.head_dim) * p.float_bytes
+
+
 def sampling_logits(recipe: Recipe, shape: ModelShape, p: Precision) -> float:
     """max(prefill: P x V logits of one prompt, decode: 4 x Q K x V fp32 (logits, scaled, top-p's
     sorted copies))."""
@@ -588,11 +610,13 @@ def make_plan(
             "KV cache": kv_cache(recipe, shape, p),
             "prompt caches": prompt_caches(recipe, shape, p),
             "sampling logits": sampling_logits(recipe, shape, p),
+            "rollout states": rollout_states(recipe, shape, p),
         }
     update = {
         "gradients": gradients(trainable),
         "layer activations": layer_activations(recipe, shape, p, recipe.train.grad_checkpoint),
         "logits": logits_activations(recipe, shape, p),
+        "rollout states": 2 * rollout_states(recipe, shape, p),
     }
     return Plan(shape, p, resident, sample, update, memory, source)
 
