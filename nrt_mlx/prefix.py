@@ -11,7 +11,11 @@ Every row of a question starts with the same prompt x, and the loss needs log-pr
    attending to its question's recorded prompt and causally to itself, and records its keys and
    values too;
 3. the *answer pass* runs ``[m | y*]`` (minus the last token) per trace row, attending to the
-   prompt, to its own think pass and causally to itself, at per-row RoPE offsets.
+   prompt, to its own think pass and causally to itself.
+
+Every pass counts a row's positions from its first real token (a left-padded prompt starts below
+0): the positions of the full rows and of the rollout, whose states below the adapters the prompt
+and think passes can take instead of running those blocks (``replay``, nrt_mlx/reuse.py).
 
 The answer pass is split from the think pass because only tokens after the marker depend on the
 marker's trainable input row (nrt_mlx/marker.py): the backward pass has to run through every layer
