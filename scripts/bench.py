@@ -476,6 +476,10 @@ def report(
         )
     out += [
         "",
+        "nrt-mlx's update takes the layers below the adapters from the rollout for its prompt and "
+        "think tokens (nrt_mlx/reuse.py) instead of running them: it does fewer FLOPs per token "
+        "than this count, so its GFLOP/s and share of the GEMM rate read high.",
+        "",
         "(d) peak memory (largest over runs)",
         "",
         "| | process RSS MB | mlx peak GB |",
