@@ -352,8 +352,8 @@ def reused_blocks(recipe: Recipe, shape: ModelShape) -> int:
 def rollout_states(recipe: Recipe, shape: ModelShape, p: Precision) -> float:
     """(Q P + Q K T) positions x (D + 2 b KV head_dim) floats, b = ``reused_blocks``: per prompt
     and trace token, the hidden state entering the first adapted block and the keys and values
-    of the blocks below it. One copy while sampling; the update holds it and the passes' padded
-    copy of it."""
+    of the blocks below it: one copy while sampling, and the passes' padded copy of it in the
+    update (``step.release_states``)."""
     b = reused_blocks(recipe, shape)
     if b == 0:
         return 0.0
@@ -616,7 +616,7 @@ def make_plan(
         "gradients": gradients(trainable),
         "layer activations": layer_activations(recipe, shape, p, recipe.train.grad_checkpoint),
         "logits": logits_activations(recipe, shape, p),
-        "rollout states": 2 * rollout_states(recipe, shape, p),
+        "rollout states": rollout_states(recipe, shape, p),
     }
     return Plan(shape, p, resident, sample, update, memory, source)
 

@@ -122,17 +122,23 @@ class _Recorder:
 class Capture:
     """What ``capturing`` noted: one entry per model call, in call order. ``calls[i]`` is
     (hidden [B, L, D], kv [2 first, B, kv_heads, L, head_dim]); the caller notes which output row
-    each batch row of the call belongs to (``rows``)."""
+    each batch row of the call belongs to (``rows``). ``problem`` says why nothing can be reused
+    when the model's calls did not go as expected (its blocks do not all add keys to their cache,
+    a row's tokens were not all fed): the update then runs every block."""
 
     def __init__(self, first: int) -> None:
         self.first = first
         self.calls: list[tuple[mx.array, mx.array]] = []
         self.rows: list[list[int]] = []
+        self.problem: str | None = None
         self._pending: list[tuple[mx.array, mx.array]] = []
 
     def _close(self, hidden: mx.array) -> None:
         if len(self._pending) != self.first:
-            raise RuntimeError(f"{len(self._pending)} blocks below {self.first} added keys")
+            self.problem = f"{len(self._pending)} of the {self.first} blocks below added keys"
+        if self.problem:
+            self._pending = []
+            return
         keys = [k for k, _ in self._pending]
         values = [v for _, v in self._pending]
         self.calls.append((hidden, mx.stack(keys + values)))
@@ -168,7 +174,8 @@ class Capture:
                 parts.append(States(seg.hidden[j, :n], seg.kv[:, j, :, :n]))
             got = sum(len(p) for p in parts)
             if got != count:
-                raise RuntimeError(f"row {r}: {got} of its {count} tokens were recorded")
+                self.problem = f"row {r}: {got} of its {count} tokens were recorded"
+                return []
             out.append(joined(parts) if parts else self.prompts([0])[0])  # no tokens: empty
         return out
 

@@ -309,7 +309,7 @@ def sample_traces(
         pick = row_sampler(cfg.temperature, cfg.top_p)
         key = row_keys(key, [i * k + j for i in questions for j in range(k)])
     per_row = questions is not None
-    if keep_below > 0 and watch.id is not None:
+    if 0 < keep_below < len(model.layers) and watch.id is not None:
         with reuse.capturing(model, keep_below) as capture:
             seqs, stats = _decode(model, prompts, k, pick, key, finished, steps, per_row, capture)
     else:
@@ -324,10 +324,10 @@ def sample_traces(
             traces.append(Trace(seq[:-1][:budget], False))
         else:
             traces.append(Trace(seq[:budget], False))
-    if capture is not None:
+    if capture is not None and not capture.problem:
         kept = capture.prompts([len(p) for p in prompts])
         rows = capture.rows_states([len(t.tokens) for t in traces])
-        for r, (t, states) in enumerate(zip(traces, rows)):
+        for r, (t, states) in enumerate(zip(traces, rows)):  # none when rows_states found a problem
             t.states = (kept[r // k], states)
     return [traces[q * k : (q + 1) * k] for q in range(len(prompts))], stats
 

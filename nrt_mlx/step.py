@@ -46,7 +46,7 @@ from nrt_mlx.objective import (
     sft_loss,
 )
 from nrt_mlx.rollout import RolloutStats, Trace, sample_traces
-from nrt_mlx.session import Encoded, Session, lr_schedule, updates_per_step
+from nrt_mlx.session import Encoded, Session, lr_schedule, updates_per_step, warn
 from nrt_mlx.stats import trace_stats
 
 
@@ -99,9 +99,20 @@ def sample(
     keep = 0 if any(marker & set(p) for p in prompts) else session.reuse_below
     model.eval()
     try:
-        return sample_traces(model, prompts, cfg, session.vocab, key, rows, keep)
+        traces, stats = sample_traces(model, prompts, cfg, session.vocab, key, rows, keep)
     finally:
         model.train()
+    if (
+        keep
+        and session.vocab.marker.is_special
+        and any(t.states is None for g in traces for t in g)
+    ):
+        session.reuse_below = 0
+        warn(
+            "the rollout's states below the adapters could not be kept for this model; the "
+            "update runs every layer from now on (slower, same numbers)"
+        )
+    return traces, stats
 
 
 def build_batches(
@@ -121,6 +132,24 @@ def build_batches(
         collate(sum(rows[i : i + per], []), session.vocab.pad_id, session.shared_prompt)
         for i in range(0, len(rows), per)
     ]
+
+
+def release_states(minis: list[list[Batch]], traces: list[list[Trace]]) -> None:
+    """Lay the rollout's states out in the batches now and let the traces drop theirs, so the
+    update holds one copy of them, not two (the batches' lazy layouts read the rollout's)."""
+    replays = [
+        a
+        for mini in minis
+        for b in mini
+        for r in (b.prompt_replay, *(p.replay for p in b.passes))
+        if r is not None
+        for a in (r.hidden, r.kv)
+    ]
+    if replays:
+        mx.eval(replays)
+    for group in traces:
+        for t in group:
+            t.states = None
 
 
 def mini_batch_bounds(questions: int, mini_batches: int) -> list[tuple[int, int]]:
@@ -331,6 +360,8 @@ def train_step(session: Session, step: int) -> StepResult:
         minis.append(build_batches(session, [items[q] for q in share], part))
         by_mini.append(part or [])
         at += len(share)
+    if traces is not None:
+        release_states(minis, traces)
     normalizer, totals = step_scale(session, minis)
     fixed = fix_rewards(session, minis)
     lr = float(session.optimizer.learning_rate.item())  # the rate of this step's first update

@@ -120,6 +120,24 @@ def test_no_states_without_a_shared_prompt_or_with_a_text_marker(tmp_path, tiny_
     assert batch.prompt_replay is None
 
 
+def test_a_capture_that_went_wrong_keeps_nothing() -> None:
+    """Blocks that did not all add keys, or a row whose tokens were not all fed: ``problem``
+    says why, and no states come out (the update then runs every block)."""
+    kv = (mx.zeros((2, 1, 3, 4)), mx.zeros((2, 1, 3, 4)))
+    capture = reuse.Capture(first=2)
+    capture._pending = [kv]  # one of the two blocks below
+    capture._close(mx.zeros((2, 3, 8)))
+    assert capture.problem and not capture.calls
+    capture = reuse.Capture(first=1)
+    for width in (3, 1):  # the prefill, then one decode call
+        capture._pending = [(mx.zeros((2, 1, width, 4)), mx.zeros((2, 1, width, 4)))]
+        capture._close(mx.zeros((2, width, 8)))
+        capture.rows.append([0, 1])
+    assert capture.problem is None
+    assert [len(s) for s in capture.rows_states([1, 0])] == [1, 0]
+    assert capture.rows_states([2, 1]) == [] and "1 of its 2 tokens" in capture.problem
+
+
 @pytest.mark.real
 def test_smollm2_kept_states_give_the_same_loss(tmp_path):
     from nrt_mlx.export.default_model import default_model_dir
