@@ -105,7 +105,7 @@ def sample(
     if (
         keep
         and session.vocab.marker.is_special
-        and any(t.states is None for g in traces for t in g)
+        and any(t.states is None for group in traces for t in group)
     ):
         session.reuse_below = 0
         warn(
