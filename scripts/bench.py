@@ -283,14 +283,10 @@ def gemm_rate(matmul, make, m: int, k: int, n: int, seconds: float = 1.0) -> flo
     """FLOP/s of ``matmul`` on [m, k] x [k, n] fp32 operands: the best of ``seconds`` of repeats.
     The best, not the median: other processes only ever slow a GEMM down, and at a few hundred
     rows a shared machine spreads the times over 10x (measured: median 17, best 217 GFLOP/s)."""
+    from bench_blas import best_seconds  # scripts/ is on sys.path when run as a script
+
     a, b = make((m, k)), make((k, n))
-    matmul(a, b)  # warm-up
-    times: list[float] = []
-    while sum(times) < seconds or len(times) < 10:
-        start = time.perf_counter()
-        matmul(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * m * k * n / min(times)
+    return 2 * m * k * n / best_seconds(lambda: matmul(a, b), seconds=seconds)
 
 
 def child_measure(spec_path: str) -> None:

@@ -14,6 +14,8 @@ import os
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 CHILD = r"""
 import json, sys, time
@@ -36,6 +38,18 @@ def run(size: int, repeats: int, system_blas: bool) -> dict:
     if env["NRT_MLX_BLAS"] == "":
         env.pop("NRT_MLX_BLAS")
     return child_json([CHILD, str(size), str(repeats)], env)
+
+
+def best_seconds(run: Callable[[], object], repeats: int = 10, seconds: float = 0.0) -> float:
+    """The fastest of at least ``repeats`` calls of ``run`` (and of at least ``seconds`` of them),
+    after one warm-up call. The best, not the median: other processes only ever slow a call down."""
+    run()
+    times: list[float] = []
+    while sum(times) < seconds or len(times) < repeats:
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def child_json(args: list[str], env: dict[str, str]) -> dict:

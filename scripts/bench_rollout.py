@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from bench_blas import best_seconds  # scripts/ is on sys.path when run as a script
+
 import nrt_mlx  # noqa: F401  (loads the system BLAS: before mlx.core)
 
 # isort: split
@@ -122,16 +124,6 @@ def rollout_throughput(
     return race(contenders, prompts, cfg, repeats)
 
 
-def best_seconds(run: Callable[[], object], repeats: int = 20) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def matmul(m: int, k: int, n: int) -> Callable[[], None]:
     """One fp32 [m, k] x [k, n] product in MLX (the weight stored [n, k], as nn.Linear's)."""
     x, w = mx.random.normal((m, k)), mx.random.normal((n, k))
@@ -148,10 +140,10 @@ def decode_floor(model, rows: int, context: int = 50) -> dict[str, float]:
 
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     values = np.ones(weights // 4, dtype=np.float32)
-    read = best_seconds(values.sum)
+    read = best_seconds(values.sum, 20)
     del values
     hidden = model.args.hidden_size
-    gemm = best_seconds(matmul(rows, hidden, weights // 4 // hidden))
+    gemm = best_seconds(matmul(rows, hidden, weights // 4 // hidden), 20)
     cache = make_prompt_cache(model)
     mx.eval(model(mx.ones((rows, context), dtype=mx.int32), cache=cache))
     token = mx.ones((rows, 1), dtype=mx.int32)
@@ -161,8 +153,7 @@ def decode_floor(model, rows: int, context: int = 50) -> dict[str, float]:
             c.offset -= 1
         mx.eval(model(token, cache=cache))
 
-    step()
-    return {"weight_bytes": weights, "read": read, "gemm": gemm, "step": best_seconds(step)}
+    return {"weight_bytes": weights, "read": read, "gemm": gemm, "step": best_seconds(step, 20)}
 
 
 def question_prompts(vocab: Vocabulary, count: int) -> list[list[int]]:
