@@ -347,7 +347,7 @@ def collate(rows: list[Row], pad_id: int, share_prompt: bool = False) -> Batch:
         kept = _prompt_states(body, index, len(prompts))
         shared = dict(
             prompt_replay=None
-            if kept is None or any(p.replay is None for p in passes if p.grad)
+            if kept is None
             else reuse.layout([k.take(0, len(k) - 1) for k in kept], width - 1, left=True),
             prompts=mx.array(padded),
             prompt_valid=mx.array(

@@ -86,7 +86,7 @@ def layout(rows: list[States], width: int, left: bool) -> Replay:
 class _Tap:
     """A block's cache that notes the keys and values the block adds, then passes them on."""
 
-    def __init__(self, cache: Any, noted: list[mx.array]) -> None:
+    def __init__(self, cache: Any, noted: list[tuple[mx.array, mx.array]]) -> None:
         self._cache, self._noted = cache, noted
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -134,15 +134,11 @@ class Capture:
         self._pending: list[tuple[mx.array, mx.array]] = []
 
     def _close(self, hidden: mx.array) -> None:
-        if len(self._pending) != self.first:
-            self.problem = f"{len(self._pending)} of the {self.first} blocks below added keys"
-        if self.problem:
-            self._pending = []
-            return
-        keys = [k for k, _ in self._pending]
-        values = [v for _, v in self._pending]
-        self.calls.append((hidden, mx.stack(keys + values)))
-        self._pending = []
+        pending, self._pending = self._pending, []
+        if len(pending) != self.first:
+            self.problem = f"{len(pending)} of the {self.first} blocks below added keys"
+        if not self.problem:
+            self.calls.append((hidden, mx.stack([k for k, _ in pending] + [v for _, v in pending])))
 
     def arrays(self) -> list[mx.array]:
         return [a for call in self.calls for a in call]

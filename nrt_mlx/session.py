@@ -64,7 +64,7 @@ class Session:
     data_report: str  # what was kept and skipped of data.train
     shared_prompt: bool = False  # NRT batches in the shared-prompt layout (nrt_mlx.prefix)
     # Blocks below the first adapted one, whose rollout states the update reuses (nrt_mlx.reuse;
-    # 0: none, e.g. without the shared prompt)
+    # 0: none, without the shared prompt or with a text marker)
     reuse_below: int = 0
     position: int = 0  # questions consumed so far (the data position a checkpoint saves)
     group: Group = field(default_factory=Group)  # the processes training the run (mlx.launch)
@@ -209,8 +209,9 @@ def prepare(recipe: Recipe, group: Group | None = None) -> Session:
         normalizer=default_normalizer(recipe),
         data_report=train_data.report(),
         shared_prompt=shared,
+        # A text marker's trace may be tokenised again: its tokens need not be the ones sampled.
         reuse_below=len(loaded.model.layers) - num_lora_layers(loaded.model, recipe.lora)
-        if shared
+        if shared and m.is_special
         else 0,
         group=group or Group(),
     )

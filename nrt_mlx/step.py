@@ -102,11 +102,7 @@ def sample(
         traces, stats = sample_traces(model, prompts, cfg, session.vocab, key, rows, keep)
     finally:
         model.train()
-    if (
-        keep
-        and session.vocab.marker.is_special
-        and any(t.states is None for group in traces for t in group)
-    ):
+    if keep and any(t.states is None for group in traces for t in group):
         session.reuse_below = 0
         warn(
             "the rollout's states below the adapters could not be kept for this model; the "

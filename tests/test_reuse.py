@@ -113,9 +113,15 @@ def test_no_states_without_a_shared_prompt_or_with_a_text_marker(tmp_path, tiny_
         tiny_model_dir,
         rollout={"samples": 2, "max_think_tokens": 8, "marker": "\nAnswer:"},
     )
-    assert text.reuse_below == 2
+    assert text.reuse_below == 0
     traces, _ = sample(text, text.train[:2], mx.random.key(0))
     assert all(t.states is None for g in traces for t in g)
+    # sample_traces itself keeps nothing for a text marker, even when asked to.
+    model, prompts = text.loaded.model, [it.prompt for it in text.train[:2]]
+    asked, _ = sample_traces(
+        model, prompts, text.recipe.rollout, text.vocab, mx.random.key(0), None, 2
+    )
+    assert all(t.states is None for g in asked for t in g)
     batch = build_batches(text, text.train[:2], traces)[0]
     assert batch.prompt_replay is None
 
